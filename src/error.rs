@@ -1,0 +1,195 @@
+//! Why a layer refused a request.
+//!
+//! For HTTP (axum, hyper, tonic) the layers answer a refused request with a
+//! response: see [`response`](crate::response) for the formats. The
+//! [`Rejection`] that caused it is also put in the response's extensions, so
+//! an outer layer can log or reshape it. For other request types, the
+//! [`GenericRateLimit`](crate::rate_limit::GenericRateLimit) service fails
+//! with a boxed [`Rejection`] that callers can downcast.
+
+use std::time::Duration;
+
+use http::StatusCode;
+
+use crate::key::TenantKey;
+use crate::limiter::{Denied, DenyReason};
+use crate::policy::Plan;
+
+/// A request a layer refused.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Rejection {
+    /// The tenant is over its rate quota.
+    #[error(transparent)]
+    RateLimited(RateLimited),
+    /// The request carries no tenant key.
+    #[error("the request carries no tenant key")]
+    MissingKey {
+        /// 401 or 400, as configured.
+        status: StatusCode,
+    },
+    /// The request carries a malformed tenant key.
+    #[error("the tenant key is invalid: {reason}")]
+    InvalidKey {
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The tenant key is longer than the layer accepts.
+    #[error("the tenant key is {len} bytes long; at most {max} are accepted")]
+    KeyTooLong {
+        /// The key's length.
+        len: usize,
+        /// The configured maximum.
+        max: usize,
+    },
+    /// The request states a cost that cannot be read.
+    #[error("the request cost is invalid: {reason}")]
+    InvalidCost {
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+}
+
+impl Rejection {
+    /// The HTTP status the layer answers with.
+    #[must_use]
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::MissingKey { status } => *status,
+            Self::InvalidKey { .. } | Self::KeyTooLong { .. } | Self::InvalidCost { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+        }
+    }
+
+    /// The gRPC status code the layer answers gRPC requests with.
+    #[must_use]
+    pub fn grpc_code(&self) -> GrpcCode {
+        match self {
+            Self::RateLimited(_) => GrpcCode::ResourceExhausted,
+            Self::MissingKey { status } if *status == StatusCode::UNAUTHORIZED => {
+                GrpcCode::Unauthenticated
+            }
+            Self::MissingKey { .. }
+            | Self::InvalidKey { .. }
+            | Self::KeyTooLong { .. }
+            | Self::InvalidCost { .. } => GrpcCode::InvalidArgument,
+        }
+    }
+
+    /// How long the client should wait before retrying: `None` when a retry
+    /// cannot succeed as is (a bad key, or a cost above the burst).
+    #[must_use]
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::RateLimited(limited) => limited.denied().retry_after(),
+            _ => None,
+        }
+    }
+
+    /// The rate-limit details, if that is the cause.
+    #[must_use]
+    pub fn as_rate_limited(&self) -> Option<&RateLimited> {
+        match self {
+            Self::RateLimited(limited) => Some(limited),
+            _ => None,
+        }
+    }
+}
+
+/// The gRPC status codes this crate answers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum GrpcCode {
+    /// 3: the request is malformed.
+    InvalidArgument,
+    /// 8: the tenant is over a quota.
+    ResourceExhausted,
+    /// 14: the server is overloaded.
+    Unavailable,
+    /// 16: the tenant is unknown.
+    Unauthenticated,
+}
+
+impl GrpcCode {
+    /// The code's number on the wire (`grpc-status`).
+    #[must_use]
+    pub fn as_i32(self) -> i32 {
+        match self {
+            Self::InvalidArgument => 3,
+            Self::ResourceExhausted => 8,
+            Self::Unavailable => 14,
+            Self::Unauthenticated => 16,
+        }
+    }
+}
+
+/// A tenant over its rate quota.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("tenant {} on plan `{}`: {}", self.inner.tenant, self.inner.plan.name(), self.inner.denied)]
+pub struct RateLimited {
+    inner: Box<RateLimitedInner>,
+}
+
+#[derive(Debug, Clone)]
+struct RateLimitedInner {
+    tenant: TenantKey,
+    plan: Plan,
+    denied: Denied,
+}
+
+impl RateLimited {
+    pub(crate) fn new(tenant: TenantKey, plan: Plan, denied: Denied) -> Self {
+        Self {
+            inner: Box::new(RateLimitedInner {
+                tenant,
+                plan,
+                denied,
+            }),
+        }
+    }
+
+    /// The tenant.
+    #[must_use]
+    pub fn tenant(&self) -> &TenantKey {
+        &self.inner.tenant
+    }
+
+    /// The plan whose quota was exceeded.
+    #[must_use]
+    pub fn plan(&self) -> &Plan {
+        &self.inner.plan
+    }
+
+    /// The limiter's decision: wait time, reason, bucket state.
+    #[must_use]
+    pub fn denied(&self) -> &Denied {
+        &self.inner.denied
+    }
+
+    /// Why it was refused.
+    #[must_use]
+    pub fn reason(&self) -> DenyReason {
+        self.inner.denied.reason()
+    }
+}
+
+#[cfg(feature = "tonic")]
+impl From<Rejection> for tonic::Status {
+    /// The gRPC status a tonic client would see from the layer, metadata
+    /// included (`grpc-retry-pushback-ms`, `retry-after` and the
+    /// `ratelimit` fields).
+    fn from(rejection: Rejection) -> Self {
+        let code = tonic::Code::from_i32(rejection.grpc_code().as_i32());
+        let mut status = tonic::Status::new(code, rejection.to_string());
+        for (name, value) in crate::response::grpc_metadata(&rejection) {
+            let key = tonic::metadata::AsciiMetadataKey::from_bytes(name.as_str().as_bytes());
+            let value = tonic::metadata::AsciiMetadataValue::try_from(value.as_bytes());
+            if let (Ok(key), Ok(value)) = (key, value) {
+                status.metadata_mut().insert(key, value);
+            }
+        }
+        status
+    }
+}

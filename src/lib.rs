@@ -1,0 +1,89 @@
+//! Tower middleware that keeps one tenant from taking a multi-tenant API
+//! down for everyone.
+//!
+//! A CDN's purge API went down at 1 a.m. because one customer flooded it and
+//! nothing in the stack assumed a single user could. This crate removes that
+//! assumption, one layer at a time:
+//!
+//! * **Per-tenant rate limiting** ([`RateLimitLayer`], [`RateLimiter`]):
+//!   GCRA with one atomic word per tenant, plan tiers and per-tenant
+//!   overrides that change at run time ([`PolicyHandle`]), weighted costs,
+//!   and a hard cap on tracked tenants so that key rotation cannot exhaust
+//!   memory.
+//!
+//! # Quick start (axum)
+//!
+//! ```
+//! use std::num::NonZeroU32;
+//! use axum::{routing::post, Router};
+//! use tower_floodgate::{key, Quota, RateLimitLayer, RateLimiter};
+//!
+//! let limiter = RateLimiter::new(Quota::per_second(NonZeroU32::new(100).unwrap()));
+//! let app: Router = Router::new()
+//!     .route("/v1/purge", post(|| async { "purged" }))
+//!     .layer(RateLimitLayer::new(limiter).key(key::bearer()));
+//! ```
+//!
+//! A tenant over its quota gets `429 Too Many Requests` with an
+//! `application/problem+json` body, `Retry-After`, and the IETF
+//! `RateLimit-Policy` / `RateLimit` fields; a gRPC client gets
+//! `RESOURCE_EXHAUSTED` with `grpc-retry-pushback-ms`. See [`response`].
+//!
+//! # Who is the tenant?
+//!
+//! A [`KeyExtractor`] decides: by default a [`TenantKey`] request extension
+//! that your authentication layer inserts, because identity should come from
+//! authentication rather than from a header anyone can forge. Headers,
+//! bearer tokens, the peer address and closures are built in; see [`key`].
+//!
+//! # Memory
+//!
+//! The in-memory limiter stores 16 bytes per tenant (a 64-bit keyed hash of
+//! the key and the tenant's theoretical arrival time) in a sharded
+//! open-addressing table, about 18 to 36 bytes per tenant with the table's
+//! slack. It tracks at most [`max_tenants`](RateLimiterBuilder::max_tenants)
+//! tenants. A tenant whose bucket is full again is indistinguishable from an
+//! unknown one, so idle tenants are forgotten without changing any decision;
+//! when a shard is full of tenants in debt, those closest to a full bucket
+//! are forgotten first. Each clean-up walks one small shard and is paid for
+//! by the inserts it makes room for.
+//!
+//! # Feature flags
+//!
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `axum` | yes | [`key::peer_addr`] reads axum's `ConnectInfo<SocketAddr>` |
+//! | `tonic` | no | `From<Rejection> for tonic::Status`; [`key::peer_addr`] reads tonic's `TcpConnectInfo` |
+//!
+//! gRPC rejections work without the `tonic` feature: the layer recognises
+//! gRPC requests by their content type.
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod clock;
+pub mod cost;
+pub mod error;
+mod gcra;
+mod hash;
+pub mod key;
+mod limiter;
+mod memory;
+pub mod policy;
+mod quota;
+pub mod rate_limit;
+pub mod response;
+
+pub use clock::{Clock, ManualClock};
+pub use error::{RateLimited, Rejection};
+pub use key::{KeyExtractor, TenantKey};
+pub use limiter::{
+    Allowed, DEFAULT_MAX_TENANTS, Denied, DenyReason, RateLimiter, RateLimiterBuilder,
+    RateLimiterStats, Usage,
+};
+pub use policy::{Plan, Policy, PolicyBuilder, PolicyError, PolicyHandle};
+pub use quota::{Quota, QuotaError};
+pub use rate_limit::{MissingKey, RateLimitLayer};
+
+/// The boxed error of the generic (non-HTTP) services.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+

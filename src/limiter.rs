@@ -1,0 +1,474 @@
+//! The per-tenant rate limiter, usable with or without the layer.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::clock::Clock;
+use crate::gcra::{self, Step};
+use crate::hash::tenant_hash;
+use crate::memory::MemoryStore;
+use crate::policy::{Plan, Policy, PolicyHandle, PolicyListener};
+use crate::quota::Quota;
+
+/// How many tenants a limiter tracks unless told otherwise.
+pub const DEFAULT_MAX_TENANTS: usize = 1_000_000;
+
+/// A per-tenant GCRA rate limiter.
+///
+/// Each tenant gets the rate quota of its [`Plan`] under the limiter's
+/// [`Policy`](crate::Policy); a request costs one or more units. The state is
+/// one atomic theoretical arrival time per tenant, in memory, and at most
+/// [`max_tenants`](RateLimiterBuilder::max_tenants) tenants are tracked (see
+/// the [crate docs](crate#memory) for how idle tenants are forgotten).
+///
+/// Cloning is cheap and clones share the state: hand one to the
+/// [`RateLimitLayer`](crate::RateLimitLayer) and keep another to check costs
+/// that are only known inside a handler.
+///
+/// # Examples
+///
+/// ```
+/// use std::num::NonZeroU32;
+/// use tower_floodgate::{Clock, Quota, RateLimiter};
+///
+/// let (clock, time) = Clock::manual();
+/// let limiter = RateLimiter::builder(Quota::per_second(NonZeroU32::new(100).unwrap()))
+///     .clock(clock)
+///     .build();
+///
+/// // A purge of 80 URLs costs 80 units.
+/// assert!(limiter.check("acme", 80).is_ok());
+/// let denied = limiter.check("acme", 80).unwrap_err();
+/// assert_eq!(denied.retry_after(), Some(std::time::Duration::from_millis(600)));
+/// // Other tenants are unaffected.
+/// assert!(limiter.check("globex", 80).is_ok());
+/// ```
+#[derive(Clone)]
+pub struct RateLimiter {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    policy: PolicyHandle,
+    store: MemoryStore,
+    clock: Clock,
+}
+
+/// Configures a [`RateLimiter`].
+#[must_use]
+pub struct RateLimiterBuilder {
+    policy: PolicyHandle,
+    max_tenants: usize,
+    clock: Option<Clock>,
+}
+
+impl RateLimiterBuilder {
+    /// The most tenants tracked at once (default [`DEFAULT_MAX_TENANTS`]).
+    /// Each costs about 35 bytes at most; the limit holds whatever the number
+    /// of distinct keys that arrive. It is rounded up to a multiple of the
+    /// number of internal shards.
+    pub fn max_tenants(mut self, max: usize) -> Self {
+        self.max_tenants = max;
+        self
+    }
+
+    /// The time source (default [`Clock::monotonic`]).
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// The limiter.
+    pub fn build(self) -> RateLimiter {
+        let seen = self.policy.current();
+        let inner = Arc::new(Inner {
+            store: MemoryStore::new(self.max_tenants, Arc::clone(&seen)),
+            policy: self.policy,
+            clock: self.clock.unwrap_or_default(),
+        });
+        let listener: Arc<dyn PolicyListener> = inner.clone();
+        inner.policy.subscribe(&listener, &seen);
+        RateLimiter { inner }
+    }
+}
+
+impl fmt::Debug for RateLimiterBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimiterBuilder")
+            .field("policy", &self.policy)
+            .field("max_tenants", &self.max_tenants)
+            .field("clock", &self.clock)
+            .finish()
+    }
+}
+
+impl RateLimiter {
+    /// A limiter applying `policy` (a [`Policy`](crate::Policy), a
+    /// [`PolicyHandle`] to change it later, a single [`Plan`] or a [`Quota`]
+    /// for everyone), with the default tenant cap and clock.
+    #[must_use]
+    pub fn new(policy: impl Into<PolicyHandle>) -> Self {
+        Self::builder(policy).build()
+    }
+
+    /// Starts configuring a limiter applying `policy`.
+    pub fn builder(policy: impl Into<PolicyHandle>) -> RateLimiterBuilder {
+        RateLimiterBuilder {
+            policy: policy.into(),
+            max_tenants: DEFAULT_MAX_TENANTS,
+            clock: None,
+        }
+    }
+
+    /// Charges `tenant` `cost` units if its quota allows, now.
+    ///
+    /// A cost of zero is always admitted (unless the tenant is over a quota
+    /// that shrank at run time) and charges nothing: use it to read a
+    /// tenant's state. A tenant whose plan has no rate limit is always
+    /// admitted.
+    ///
+    /// # Errors
+    ///
+    /// [`Denied`] when the quota does not allow it now; nothing is charged.
+    /// [`Denied::retry_after`] says when the same cost will be admitted, or
+    /// `None` when it never will (the cost exceeds the burst).
+    pub fn check(&self, tenant: impl AsRef<[u8]>, cost: u32) -> Result<Allowed, Denied> {
+        let tenant = tenant.as_ref();
+        self.decide(tenant_hash(tenant), tenant, cost, |_, result| result)
+    }
+
+    /// Decides, then hands the plan in force and the result to `f` while the
+    /// policy is still loaded (so that headers can name the plan without
+    /// cloning it).
+    #[inline]
+    pub(crate) fn decide<R>(
+        &self,
+        hash: u64,
+        tenant: &[u8],
+        cost: u32,
+        f: impl FnOnce(&Plan, Result<Allowed, Denied>) -> R,
+    ) -> R {
+        let inner = &*self.inner;
+        let snapshot = inner.store.snapshot();
+        let plan = snapshot.policy.plan_for_hashed(hash, tenant);
+        let Some(quota) = plan.rate_quota() else {
+            return f(plan, Ok(Allowed { usage: None }));
+        };
+        let now = inner.clock.now_nanos();
+        let (step, tat) = inner.store.check(&snapshot, hash, now, cost, quota);
+        let usage = Usage::at(tat, now, quota);
+        let result = match step {
+            Step::Allow { .. } => Ok(Allowed { usage: Some(usage) }),
+            Step::Deny { wait } => Err(Denied {
+                usage,
+                cost,
+                retry_after: Some(Duration::from_nanos(wait)),
+            }),
+            Step::Impossible => Err(Denied {
+                usage,
+                cost,
+                retry_after: None,
+            }),
+        };
+        f(plan, result)
+    }
+
+    /// The policy this limiter applies; change it through the handle.
+    #[must_use]
+    pub fn policy(&self) -> &PolicyHandle {
+        &self.inner.policy
+    }
+
+    /// The limiter's clock.
+    #[must_use]
+    pub fn clock(&self) -> &Clock {
+        &self.inner.clock
+    }
+
+    /// How many tenants are tracked now. Idle tenants may still be counted
+    /// until room is needed or [`evict_idle`](Self::evict_idle) runs.
+    #[must_use]
+    pub fn tracked_tenants(&self) -> usize {
+        self.inner.store.len()
+    }
+
+    /// The most tenants tracked at once.
+    #[must_use]
+    pub fn max_tenants(&self) -> usize {
+        self.inner.store.max_tenants()
+    }
+
+    /// Forgets every idle tenant (one whose bucket is full again, which
+    /// changes no decision) and returns memory to the allocator, one shard at
+    /// a time. Never required: the limiter makes room by itself. Returns how
+    /// many tenants were forgotten.
+    pub fn evict_idle(&self) -> usize {
+        self.inner.store.evict_idle(self.inner.clock.now_nanos())
+    }
+
+    /// Counters of the tenant table.
+    #[must_use]
+    pub fn stats(&self) -> RateLimiterStats {
+        let evictions = self.inner.store.evictions();
+        RateLimiterStats {
+            tracked_tenants: self.tracked_tenants(),
+            max_tenants: self.max_tenants(),
+            evicted_idle: evictions.idle,
+            evicted_active: evictions.active,
+        }
+    }
+}
+
+impl PolicyListener for Inner {
+    fn policy_changed(&self, old: &Policy, new: &Arc<Policy>) {
+        self.store.set_policy(Arc::clone(new));
+        self.store.rescale(old, new, self.clock.now_nanos());
+    }
+}
+
+impl fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimiter")
+            .field("policy", &self.inner.policy)
+            .field("max_tenants", &self.max_tenants())
+            .field("clock", &self.inner.clock)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Counters of a [`RateLimiter`]'s tenant table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RateLimiterStats {
+    /// Tenants tracked now.
+    pub tracked_tenants: usize,
+    /// The cap on tracked tenants.
+    pub max_tenants: usize,
+    /// Idle tenants forgotten (no decision changed).
+    pub evicted_idle: u64,
+    /// Tenants still in debt forgotten because the table was full of them
+    /// (a sign of key rotation or of a cap set too low). Each such tenant
+    /// starts again from a full bucket.
+    pub evicted_active: u64,
+}
+
+/// A tenant's bucket after a decision. The figures are computed when asked
+/// for, so a decision that nobody inspects costs nothing extra.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    quota: Quota,
+    tat: u64,
+    now: u64,
+}
+
+impl Usage {
+    #[inline]
+    fn at(tat: u64, now: u64, quota: &Quota) -> Self {
+        Self {
+            quota: *quota,
+            tat,
+            now,
+        }
+    }
+
+    fn level(&self) -> gcra::Level {
+        gcra::level(self.tat, self.now, &self.quota)
+    }
+
+    /// The quota that applied.
+    #[must_use]
+    pub fn quota(&self) -> &Quota {
+        &self.quota
+    }
+
+    /// Units that could be spent right now.
+    #[must_use]
+    pub fn remaining(&self) -> u32 {
+        self.level().remaining
+    }
+
+    /// Time until one more unit is available (zero when the bucket is full).
+    #[must_use]
+    pub fn next_unit_after(&self) -> Duration {
+        Duration::from_nanos(self.level().next_unit)
+    }
+
+    /// Time until the bucket is full again.
+    #[must_use]
+    pub fn full_after(&self) -> Duration {
+        Duration::from_nanos(self.level().full)
+    }
+}
+
+/// An admitted request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Allowed {
+    usage: Option<Usage>,
+}
+
+impl Allowed {
+    /// The tenant's bucket after this request; `None` when its plan has no
+    /// rate limit.
+    #[must_use]
+    pub fn usage(&self) -> Option<&Usage> {
+        self.usage.as_ref()
+    }
+}
+
+/// A refused request: nothing was charged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{}", self.describe())]
+pub struct Denied {
+    usage: Usage,
+    cost: u32,
+    retry_after: Option<Duration>,
+}
+
+impl Denied {
+    /// When the same cost will be admitted, if nothing else is spent
+    /// meanwhile; `None` if never: the cost exceeds the quota's burst.
+    #[must_use]
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
+    /// Why the request was refused.
+    #[must_use]
+    pub fn reason(&self) -> DenyReason {
+        match self.retry_after {
+            Some(_) => DenyReason::OverRate,
+            None => DenyReason::CostExceedsBurst,
+        }
+    }
+
+    /// The cost that was asked for.
+    #[must_use]
+    pub fn cost(&self) -> u32 {
+        self.cost
+    }
+
+    /// The tenant's bucket, unchanged by this request.
+    #[must_use]
+    pub fn usage(&self) -> &Usage {
+        &self.usage
+    }
+
+    pub(crate) fn describe(&self) -> String {
+        match self.retry_after {
+            Some(wait) => format!(
+                "over the rate quota ({}); a request costing {} is admitted again in {:.3}s",
+                self.usage.quota,
+                self.cost,
+                wait.as_secs_f64()
+            ),
+            None => format!(
+                "a request costing {} can never be admitted: the quota ({}) allows at most {} at once",
+                self.cost,
+                self.usage.quota,
+                self.usage.quota.burst()
+            ),
+        }
+    }
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DenyReason {
+    /// The tenant spent its quota; it is admitted again after a wait.
+    OverRate,
+    /// The request costs more than the quota's burst: never admitted.
+    CostExceedsBurst,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Plan, Policy};
+    use std::num::NonZeroU32;
+
+    fn nz(n: u32) -> NonZeroU32 {
+        NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN)
+    }
+
+    #[test]
+    fn denied_reports_wait_and_reason() {
+        let (clock, time) = Clock::manual();
+        let limiter = RateLimiter::builder(Quota::per_second(nz(10)).allow_burst(nz(2)))
+            .clock(clock)
+            .build();
+        let ok = limiter
+            .check("a", 2)
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(ok.usage().map(Usage::remaining), Some(0));
+        let denied = limiter.check("a", 1).err();
+        assert_eq!(
+            denied.and_then(|d| d.retry_after()),
+            Some(Duration::from_millis(100))
+        );
+        assert_eq!(denied.map(|d| d.reason()), Some(DenyReason::OverRate));
+        let never = limiter.check("a", 3).err();
+        assert_eq!(
+            never.map(|d| d.reason()),
+            Some(DenyReason::CostExceedsBurst)
+        );
+        assert!(never.is_some_and(|d| d.to_string().contains("never")));
+        time.advance(Duration::from_millis(100));
+        assert!(limiter.check("a", 1).is_ok());
+    }
+
+    #[test]
+    fn unlimited_plans_are_not_tracked() {
+        let limiter = RateLimiter::new(Plan::new("internal"));
+        for _ in 0..1000 {
+            assert!(
+                limiter
+                    .check("x", 1_000_000)
+                    .is_ok_and(|a| a.usage().is_none())
+            );
+        }
+        assert_eq!(limiter.tracked_tenants(), 0);
+    }
+
+    #[test]
+    fn policy_change_applies_to_the_next_check() {
+        let (clock, time) = Clock::manual();
+        let limiter = RateLimiter::builder(
+            Policy::builder(Plan::new("free").rate(Quota::per_second(nz(1))))
+                .tier(Plan::new("pro").rate(Quota::per_second(nz(100))))
+                .build()
+                .unwrap_or_else(|e| unreachable!("{e}")),
+        )
+        .clock(clock)
+        .build();
+        assert!(limiter.check("a", 1).is_ok());
+        assert!(limiter.check("a", 1).is_err());
+        limiter
+            .policy()
+            .update(|p| p.assign("a", "pro"))
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        // The tenant keeps its share of the burst in use: all of free's one
+        // unit, i.e. one of pro's hundred. So pro admits 99 more at once.
+        let admitted = (0..200).filter(|_| limiter.check("a", 1).is_ok()).count();
+        assert_eq!(admitted, 99);
+        // And a downgrade throttles at once: 100 units in use on pro are
+        // the whole burst of 1 on free, for a second.
+        limiter
+            .policy()
+            .update(|p| p.remove("a"))
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        assert!(limiter.check("a", 1).is_err());
+        time.advance(Duration::from_millis(999));
+        assert!(limiter.check("a", 1).is_err());
+        time.advance(Duration::from_millis(1));
+        assert!(limiter.check("a", 1).is_ok());
+        // Changing a tier's quota rescales everyone on it.
+        limiter
+            .policy()
+            .update(|p| p.default_plan(Plan::new("free").rate(Quota::per_second(nz(10)))))
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        let admitted = (0..20).filter(|_| limiter.check("a", 1).is_ok()).count();
+        assert_eq!(admitted, 9);
+    }
+}

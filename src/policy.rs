@@ -1,0 +1,624 @@
+//! Who gets which limits: plans, tiers, per-tenant overrides, and run-time
+//! changes.
+//!
+//! A [`Policy`] maps every tenant to a [`Plan`]: a default plan, named tiers
+//! that tenants are assigned to, and per-tenant plans that override both. A
+//! [`PolicyHandle`] holds the current policy for any number of layers and
+//! limiters; replacing it takes effect on the next request, with no restart
+//! and no rebuilt layer.
+//!
+//! ```
+//! use std::num::NonZeroU32;
+//! use tower_floodgate::{Plan, Policy, PolicyHandle, Quota};
+//!
+//! const fn per_sec(n: u32) -> Quota {
+//!     Quota::per_second(NonZeroU32::new(n).unwrap())
+//! }
+//!
+//! let policy = Policy::builder(Plan::new("free").rate(per_sec(10)))
+//!     .tier(Plan::new("pro").rate(per_sec(1_000)))
+//!     .assign("acme", "pro")
+//!     .override_plan("noisy-neighbour", Plan::new("restricted").rate(per_sec(1)))
+//!     .build()?;
+//! assert_eq!(policy.plan_for("acme").name(), "pro");
+//! assert_eq!(policy.plan_for("someone-else").name(), "free");
+//!
+//! let handle = PolicyHandle::new(policy);
+//! // Later, from an admin endpoint:
+//! handle.update(|p| p.assign("someone-else", "pro"))?;
+//! assert_eq!(handle.current().plan_for("someone-else").name(), "pro");
+//! # Ok::<_, tower_floodgate::PolicyError>(())
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Weak};
+
+use arc_swap::ArcSwap;
+use hashbrown::HashTable;
+use http::HeaderValue;
+use parking_lot::Mutex;
+
+use crate::hash::tenant_hash;
+use crate::key::TenantKey;
+use crate::quota::Quota;
+
+/// The limits that apply to a tenant.
+///
+/// A plan without a [`rate`](Plan::rate) is not rate limited. Its name
+/// identifies it in the `RateLimit-Policy` and `RateLimit` header fields, in
+/// problem responses and in logs; characters other than printable ASCII are
+/// replaced by `_` there.
+#[derive(Clone)]
+pub struct Plan {
+    inner: Arc<PlanInner>,
+}
+
+#[derive(Clone)]
+struct PlanInner {
+    name: Arc<str>,
+    rate: Option<Quota>,
+    /// `"name";q=…;w=…`, rendered once.
+    rate_policy: Option<HeaderValue>,
+    /// The name as a Structured Fields string, quotes included.
+    sf_name: Arc<str>,
+}
+
+impl Plan {
+    /// A plan named `name`, with no limits yet.
+    #[must_use]
+    pub fn new(name: impl Into<Arc<str>>) -> Self {
+        let name: Arc<str> = name.into();
+        let sf_name = sf_string(&name).into();
+        Self {
+            inner: Arc::new(PlanInner {
+                name,
+                rate: None,
+                rate_policy: None,
+                sf_name,
+            }),
+        }
+    }
+
+    /// The same plan with rate quota `quota`.
+    #[must_use]
+    pub fn rate(mut self, quota: Quota) -> Self {
+        let inner = Arc::make_mut(&mut self.inner);
+        let (q, w) = quota.header_window();
+        let value = format!("{};q={q};w={w}", inner.sf_name);
+        inner.rate = Some(quota);
+        // Only printable ASCII goes into `value`, which is always valid.
+        inner.rate_policy = HeaderValue::from_str(&value).ok();
+        self
+    }
+
+    /// The plan's name.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The rate quota, if the plan is rate limited.
+    #[must_use]
+    pub fn rate_quota(&self) -> Option<&Quota> {
+        self.inner.rate.as_ref()
+    }
+
+    pub(crate) fn rate_policy_header(&self) -> Option<&HeaderValue> {
+        self.inner.rate_policy.as_ref()
+    }
+
+    pub(crate) fn sf_name(&self) -> &str {
+        &self.inner.sf_name
+    }
+}
+
+impl fmt::Debug for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Plan")
+            .field("name", &self.inner.name)
+            .field("rate", &self.inner.rate)
+            .finish()
+    }
+}
+
+impl PartialEq for Plan {
+    fn eq(&self, other: &Self) -> bool {
+        self.inner.name == other.inner.name && self.inner.rate == other.inner.rate
+    }
+}
+
+/// `s` as a Structured Fields string (RFC 8941 §3.3.3): quoted, with `"` and
+/// `\` escaped, and anything outside printable ASCII replaced by `_`.
+fn sf_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            ' '..='~' => out.push(c),
+            _ => out.push('_'),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// A tenant's entry in a policy.
+#[derive(Clone)]
+enum Rule {
+    /// On a named tier.
+    Tier(Arc<str>),
+    /// On a plan of its own.
+    Own(Plan),
+}
+
+struct Entry {
+    hash: u64,
+    key: TenantKey,
+    plan: Plan,
+    rule: Rule,
+}
+
+/// The mapping from tenants to plans. Immutable; build a new one (or use
+/// [`PolicyHandle::update`]) to change it.
+///
+/// Looking a tenant up costs nothing when no tenant has an assignment, and
+/// one hash probe otherwise.
+pub struct Policy {
+    default: Plan,
+    tiers: HashMap<Arc<str>, Plan>,
+    tenants: HashTable<Entry>,
+}
+
+impl Policy {
+    /// A policy that gives every tenant `default`.
+    #[must_use]
+    pub fn new(default: Plan) -> Self {
+        Self::builder(default)
+            .build()
+            .unwrap_or_else(|_| unreachable!("a policy without assignments is always valid"))
+    }
+
+    /// Starts a policy whose tenants get `default` unless told otherwise.
+    pub fn builder(default: Plan) -> PolicyBuilder {
+        PolicyBuilder {
+            default,
+            tiers: Vec::new(),
+            tenants: HashMap::new(),
+        }
+    }
+
+    /// The plan that applies to `tenant`.
+    #[must_use]
+    pub fn plan_for(&self, tenant: impl AsRef<[u8]>) -> &Plan {
+        let bytes = tenant.as_ref();
+        self.plan_for_hashed(tenant_hash(bytes), bytes)
+    }
+
+    #[inline]
+    pub(crate) fn plan_for_hashed(&self, hash: u64, tenant: &[u8]) -> &Plan {
+        if self.tenants.is_empty() {
+            return &self.default;
+        }
+        self.tenants
+            .find(hash, |e| e.key.as_bytes() == tenant)
+            .map_or(&self.default, |e| &e.plan)
+    }
+
+    /// The quota for the tenant whose key hashes to `hash`, judged by the
+    /// hash alone (the store knows no more than that).
+    pub(crate) fn quota_for_hash(&self, hash: u64) -> Option<&Quota> {
+        if self.tenants.is_empty() {
+            return self.default.rate_quota();
+        }
+        self.tenants
+            .find(hash, |e| e.hash == hash)
+            .map_or(&self.default, |e| &e.plan)
+            .rate_quota()
+    }
+
+    /// The hashes of tenants whose quota may differ between `self` and
+    /// `other`; `None` if a tier's (or the default plan's) quota changed,
+    /// which may concern every tenant.
+    pub(crate) fn changed_tenants(&self, other: &Policy) -> Option<Vec<u64>> {
+        let same_tiers = self.default.rate_quota() == other.default.rate_quota()
+            && self.tiers.len() == other.tiers.len()
+            && self.tiers.iter().all(|(name, plan)| {
+                other.tiers.get(name).map(Plan::rate_quota) == Some(plan.rate_quota())
+            });
+        if !same_tiers {
+            return None;
+        }
+        let mut changed: Vec<u64> = self
+            .tenants
+            .iter()
+            .chain(other.tenants.iter())
+            .filter(|e| self.quota_for_hash(e.hash) != other.quota_for_hash(e.hash))
+            .map(|e| e.hash)
+            .collect();
+        changed.sort_unstable();
+        changed.dedup();
+        Some(changed)
+    }
+
+    /// The plan of tenants without an assignment.
+    #[must_use]
+    pub fn default_plan(&self) -> &Plan {
+        &self.default
+    }
+
+    /// The named tier, if the policy has it (the default plan is a tier too).
+    #[must_use]
+    pub fn tier(&self, name: &str) -> Option<&Plan> {
+        self.tiers.get(name)
+    }
+
+    /// Every tier, default plan included, in no particular order.
+    pub fn tiers(&self) -> impl Iterator<Item = &Plan> {
+        self.tiers.values()
+    }
+
+    /// How many tenants have an assignment or a plan of their own.
+    #[must_use]
+    pub fn assigned_tenants(&self) -> usize {
+        self.tenants.len()
+    }
+
+    /// A builder holding this policy, to derive a changed one.
+    pub fn to_builder(&self) -> PolicyBuilder {
+        PolicyBuilder {
+            default: self.default.clone(),
+            tiers: self
+                .tiers
+                .values()
+                .filter(|p| p.name() != self.default.name())
+                .cloned()
+                .collect(),
+            tenants: self
+                .tenants
+                .iter()
+                .map(|e| (e.key.clone(), e.rule.clone()))
+                .collect(),
+        }
+    }
+}
+
+impl fmt::Debug for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Policy")
+            .field("default", &self.default)
+            .field("tiers", &self.tiers.len())
+            .field("assigned_tenants", &self.tenants.len())
+            .finish()
+    }
+}
+
+/// Builds a [`Policy`]. Later calls for the same tenant or tier replace
+/// earlier ones.
+#[must_use]
+pub struct PolicyBuilder {
+    default: Plan,
+    tiers: Vec<Plan>,
+    tenants: HashMap<TenantKey, Rule>,
+}
+
+impl PolicyBuilder {
+    /// Adds (or replaces) the tier `plan`, which tenants can be
+    /// [assigned](Self::assign) to by its name.
+    pub fn tier(mut self, plan: Plan) -> Self {
+        self.tiers.retain(|p| p.name() != plan.name());
+        self.tiers.push(plan);
+        self
+    }
+
+    /// Replaces the default plan.
+    pub fn default_plan(mut self, plan: Plan) -> Self {
+        self.default = plan;
+        self
+    }
+
+    /// Puts `tenant` on the tier named `tier`. [`build`](Self::build) fails
+    /// if no such tier exists.
+    pub fn assign(mut self, tenant: impl Into<TenantKey>, tier: &str) -> Self {
+        self.tenants.insert(tenant.into(), Rule::Tier(tier.into()));
+        self
+    }
+
+    /// Gives `tenant` a plan of its own, overriding its tier.
+    pub fn override_plan(mut self, tenant: impl Into<TenantKey>, plan: Plan) -> Self {
+        self.tenants.insert(tenant.into(), Rule::Own(plan));
+        self
+    }
+
+    /// Removes `tenant`'s assignment or override: it gets the default plan.
+    pub fn remove(mut self, tenant: impl Into<TenantKey>) -> Self {
+        self.tenants.remove(&tenant.into());
+        self
+    }
+
+    /// The policy.
+    ///
+    /// # Errors
+    ///
+    /// [`PolicyError::UnknownTier`] if a tenant is assigned to a tier the
+    /// policy does not have.
+    pub fn build(self) -> Result<Policy, PolicyError> {
+        let mut tiers: HashMap<Arc<str>, Plan> = self
+            .tiers
+            .into_iter()
+            .map(|p| (Arc::clone(&p.inner.name), p))
+            .collect();
+        tiers.insert(Arc::clone(&self.default.inner.name), self.default.clone());
+        let mut tenants = HashTable::with_capacity(self.tenants.len());
+        for (key, rule) in self.tenants {
+            let plan = match &rule {
+                Rule::Own(plan) => plan.clone(),
+                Rule::Tier(name) => match tiers.get(name) {
+                    Some(plan) => plan.clone(),
+                    None => {
+                        return Err(PolicyError::UnknownTier {
+                            tenant: key,
+                            tier: name.to_string(),
+                        });
+                    }
+                },
+            };
+            let hash = tenant_hash(key.as_bytes());
+            tenants.insert_unique(
+                hash,
+                Entry {
+                    hash,
+                    key,
+                    plan,
+                    rule,
+                },
+                |e| e.hash,
+            );
+        }
+        Ok(Policy {
+            default: self.default,
+            tiers,
+            tenants,
+        })
+    }
+}
+
+impl fmt::Debug for PolicyBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PolicyBuilder")
+            .field("default", &self.default)
+            .field("tiers", &self.tiers)
+            .field("tenants", &self.tenants.len())
+            .finish()
+    }
+}
+
+/// Why a policy could not be built.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyError {
+    /// A tenant was assigned to a tier that does not exist.
+    #[error("tenant {tenant} is assigned to tier `{tier}`, which the policy does not have")]
+    UnknownTier {
+        /// The tenant.
+        tenant: TenantKey,
+        /// The missing tier's name.
+        tier: String,
+    },
+}
+
+/// The current [`Policy`], shared by every layer and limiter built with it.
+///
+/// Cloning the handle shares it. [`replace`](Self::replace) and
+/// [`update`](Self::update) take effect everywhere before they return, so
+/// the next request sees the new plans.
+///
+/// # Tenants that change plans
+///
+/// A tenant keeps what it has used when its quota changes, in proportion:
+/// a tenant that spent its whole burst on the old plan starts the new one
+/// with an empty bucket, one that spent a fifth of it starts with a fifth
+/// of the new burst in use. So an upgrade gives relief at once (a tenant
+/// blocked for an hour at 1 request per hour is admitted right away on
+/// 1 000 per hour), and a downgrade throttles at once. The limiters make
+/// this adjustment while `update` runs, not on the request path.
+#[derive(Clone)]
+pub struct PolicyHandle {
+    shared: Arc<HandleInner>,
+}
+
+struct HandleInner {
+    current: ArcSwap<Policy>,
+    /// Serialises changes, and lists who must hear of them.
+    listeners: Mutex<Vec<Weak<dyn PolicyListener>>>,
+}
+
+/// Something that keeps state derived from the policy.
+pub(crate) trait PolicyListener: Send + Sync {
+    /// `new` replaced `old`. Called in order, one change at a time.
+    fn policy_changed(&self, old: &Policy, new: &Arc<Policy>);
+}
+
+impl PolicyHandle {
+    /// A handle holding `policy`.
+    #[must_use]
+    pub fn new(policy: Policy) -> Self {
+        Self {
+            shared: Arc::new(HandleInner {
+                current: ArcSwap::from_pointee(policy),
+                listeners: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// The policy in force now.
+    #[must_use]
+    pub fn current(&self) -> Arc<Policy> {
+        self.shared.current.load_full()
+    }
+
+    /// Registers `listener`, built with the policy `seen`, for every later
+    /// change; if the policy changed since `seen`, tells it at once.
+    pub(crate) fn subscribe(&self, listener: &Arc<dyn PolicyListener>, seen: &Arc<Policy>) {
+        let mut listeners = self.shared.listeners.lock();
+        let current = self.current();
+        if !Arc::ptr_eq(&current, seen) {
+            listener.policy_changed(seen, &current);
+        }
+        listeners.retain(|l| l.strong_count() > 0);
+        listeners.push(Arc::downgrade(listener));
+    }
+
+    /// Puts `policy` in force and returns the one it replaces.
+    pub fn replace(&self, policy: Policy) -> Arc<Policy> {
+        let mut listeners = self.shared.listeners.lock();
+        self.install(&mut listeners, Arc::new(policy))
+    }
+
+    /// Derives a new policy from the current one and puts it in force.
+    /// Changes are serialised: concurrent updates each see the result of
+    /// the one before.
+    ///
+    /// # Errors
+    ///
+    /// The [`PolicyError`] of the derived policy; the current one then stays.
+    pub fn update(
+        &self,
+        change: impl FnOnce(PolicyBuilder) -> PolicyBuilder,
+    ) -> Result<(), PolicyError> {
+        let mut listeners = self.shared.listeners.lock();
+        let next = change(self.current().to_builder()).build()?;
+        self.install(&mut listeners, Arc::new(next));
+        Ok(())
+    }
+
+    fn install(
+        &self,
+        listeners: &mut Vec<Weak<dyn PolicyListener>>,
+        next: Arc<Policy>,
+    ) -> Arc<Policy> {
+        let previous = self.shared.current.swap(Arc::clone(&next));
+        listeners.retain(|l| match l.upgrade() {
+            Some(listener) => {
+                listener.policy_changed(&previous, &next);
+                true
+            }
+            None => false,
+        });
+        previous
+    }
+}
+
+impl From<Policy> for PolicyHandle {
+    fn from(policy: Policy) -> Self {
+        Self::new(policy)
+    }
+}
+
+impl From<Plan> for PolicyHandle {
+    fn from(plan: Plan) -> Self {
+        Self::new(Policy::new(plan))
+    }
+}
+
+impl From<Quota> for PolicyHandle {
+    /// Every tenant on one plan, named `default`, with this quota.
+    fn from(quota: Quota) -> Self {
+        Self::new(Policy::new(Plan::new("default").rate(quota)))
+    }
+}
+
+impl fmt::Debug for PolicyHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("PolicyHandle")
+            .field(&*self.shared.current.load())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::num::NonZeroU32;
+
+    fn per_sec(n: u32) -> Quota {
+        Quota::per_second(NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN))
+    }
+
+    #[test]
+    fn tiers_assignments_and_overrides() {
+        let policy = Policy::builder(Plan::new("free").rate(per_sec(1)))
+            .tier(Plan::new("pro").rate(per_sec(100)))
+            .assign("a", "pro")
+            .assign("b", "pro")
+            .override_plan("b", Plan::new("b-special").rate(per_sec(7)))
+            .assign("c", "free")
+            .build()
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(policy.plan_for("a").name(), "pro");
+        assert_eq!(policy.plan_for("b").rate_quota(), Some(&per_sec(7)));
+        assert_eq!(policy.plan_for("c").name(), "free");
+        assert_eq!(policy.plan_for("zzz").name(), "free");
+        assert_eq!(policy.assigned_tenants(), 3);
+        assert!(policy.tier("pro").is_some() && policy.tier("free").is_some());
+        assert_eq!(policy.tiers().count(), 2);
+    }
+
+    #[test]
+    fn unknown_tier_is_an_error() {
+        let err = Policy::builder(Plan::new("free"))
+            .assign("a", "gold")
+            .build()
+            .err();
+        assert_eq!(
+            err,
+            Some(PolicyError::UnknownTier {
+                tenant: TenantKey::from("a"),
+                tier: "gold".into()
+            })
+        );
+    }
+
+    #[test]
+    fn to_builder_round_trips_and_update_applies() {
+        let handle = PolicyHandle::new(
+            Policy::builder(Plan::new("free").rate(per_sec(1)))
+                .tier(Plan::new("pro").rate(per_sec(100)))
+                .assign("a", "pro")
+                .build()
+                .unwrap_or_else(|e| unreachable!("{e}")),
+        );
+        handle
+            .update(|p| p.assign("b", "pro").remove("a"))
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        let now = handle.current();
+        assert_eq!(now.plan_for("a").name(), "free");
+        assert_eq!(now.plan_for("b").name(), "pro");
+        // A failing update leaves the policy alone.
+        assert!(handle.update(|p| p.assign("c", "nope")).is_err());
+        assert_eq!(handle.current().plan_for("b").name(), "pro");
+        // Changing a tier's quota moves everyone on it.
+        handle
+            .update(|p| p.tier(Plan::new("pro").rate(per_sec(5))))
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(
+            handle.current().plan_for("b").rate_quota(),
+            Some(&per_sec(5))
+        );
+    }
+
+    #[test]
+    fn policy_header_is_a_structured_field() {
+        let plan = Plan::new("we\"ird\\ näme").rate(Quota::per_minute(
+            NonZeroU32::new(100).unwrap_or(NonZeroU32::MIN),
+        ));
+        assert_eq!(
+            plan.rate_policy_header().map(|v| v.to_str().unwrap_or("")),
+            Some(r#""we\"ird\\ n_me";q=100;w=60"#)
+        );
+    }
+}

@@ -1,0 +1,502 @@
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use http::{HeaderValue, StatusCode};
+use tower_layer::Layer;
+
+use super::service::{GenericRateLimit, RateLimit};
+use crate::cost::{RequestCost, UnitCost};
+use crate::error::{RateLimited, Rejection};
+use crate::hash::tenant_hash;
+use crate::key::{Extension, KeyError, KeyExtractor, TenantKey};
+use crate::limiter::{RateLimiter, RateLimiterStats};
+use crate::response::ratelimit_value;
+
+/// The default bound on tenant key length, in bytes.
+pub const DEFAULT_MAX_KEY_LEN: usize = 256;
+
+/// What to do with a request that carries no tenant key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum MissingKey {
+    /// Refuse it with 401 Unauthorized (gRPC UNAUTHENTICATED). The default.
+    #[default]
+    Unauthorized,
+    /// Refuse it with 400 Bad Request (gRPC INVALID_ARGUMENT).
+    BadRequest,
+    /// Count it against one shared bucket, the tenant
+    /// [`TenantKey::anonymous()`], which gets the default plan unless the
+    /// policy assigns that key a plan of its own.
+    Anonymous,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Config {
+    missing: MissingKey,
+    max_key_len: usize,
+    success_headers: bool,
+}
+
+/// Applies per-tenant rate limits to HTTP requests. See the
+/// [module docs](crate::rate_limit).
+///
+/// `K` finds the tenant (default: a [`TenantKey`] request extension set by
+/// your authentication layer), `C` prices the request (default: 1).
+///
+/// # Examples
+///
+/// ```
+/// use std::num::NonZeroU32;
+/// use http::HeaderName;
+/// use tower_floodgate::{cost, key, MissingKey, Quota, RateLimitLayer, RateLimiter};
+///
+/// let limiter = RateLimiter::new(Quota::per_minute(NonZeroU32::new(600).unwrap()));
+/// let layer = RateLimitLayer::new(limiter)
+///     .key(key::bearer())
+///     .cost(cost::header(HeaderName::from_static("x-purge-count")))
+///     .on_missing_key(MissingKey::Anonymous)
+///     .success_headers(true);
+/// ```
+pub struct RateLimitLayer<K = Extension<TenantKey>, C = UnitCost> {
+    limiter: RateLimiter,
+    key: K,
+    cost: C,
+    config: Config,
+    state: Arc<LayerState>,
+}
+
+impl RateLimitLayer {
+    /// A layer that charges each request one unit of its tenant's quota in
+    /// `limiter`, with the tenant taken from a [`TenantKey`] request
+    /// extension.
+    #[must_use]
+    pub fn new(limiter: RateLimiter) -> Self {
+        Self {
+            limiter,
+            key: Extension::default(),
+            cost: UnitCost,
+            config: Config {
+                missing: MissingKey::default(),
+                max_key_len: DEFAULT_MAX_KEY_LEN,
+                success_headers: false,
+            },
+            state: Arc::new(LayerState::default()),
+        }
+    }
+}
+
+impl<K, C> RateLimitLayer<K, C> {
+    /// Finds the tenant with `key` (see [`key`](crate::key)).
+    #[must_use]
+    pub fn key<K2>(self, key: K2) -> RateLimitLayer<K2, C> {
+        RateLimitLayer {
+            limiter: self.limiter,
+            key,
+            cost: self.cost,
+            config: self.config,
+            state: self.state,
+        }
+    }
+
+    /// Prices requests with `cost` (see [`cost`](crate::cost)).
+    #[must_use]
+    pub fn cost<C2>(self, cost: C2) -> RateLimitLayer<K, C2> {
+        RateLimitLayer {
+            limiter: self.limiter,
+            key: self.key,
+            cost,
+            config: self.config,
+            state: self.state,
+        }
+    }
+
+    /// What to do with requests that carry no key (default: 401).
+    #[must_use]
+    pub fn on_missing_key(mut self, missing: MissingKey) -> Self {
+        self.config.missing = missing;
+        self
+    }
+
+    /// Refuse keys longer than `max` bytes with 400, before anything is
+    /// stored or hashed (default [`DEFAULT_MAX_KEY_LEN`]).
+    #[must_use]
+    pub fn max_key_len(mut self, max: usize) -> Self {
+        self.config.max_key_len = max;
+        self
+    }
+
+    /// Also send `RateLimit-Policy` and `RateLimit` on admitted responses
+    /// (default: only on 429s). Costs a small allocation per request.
+    #[must_use]
+    pub fn success_headers(mut self, enabled: bool) -> Self {
+        self.config.success_headers = enabled;
+        self
+    }
+
+    /// Shadow (dry-run) mode: admit every request, but count and log the
+    /// ones that would have been refused. Can be switched at run time with
+    /// [`set_shadow`](Self::set_shadow).
+    #[must_use]
+    pub fn shadow(self, enabled: bool) -> Self {
+        self.set_shadow(enabled);
+        self
+    }
+
+    /// Switches shadow mode on or off for every service made by this layer
+    /// and its clones, from the next request on.
+    pub fn set_shadow(&self, enabled: bool) {
+        self.state.shadow.store(enabled, Ordering::Relaxed);
+    }
+
+    /// Whether shadow mode is on.
+    #[must_use]
+    pub fn is_shadow(&self) -> bool {
+        self.state.shadow.load(Ordering::Relaxed)
+    }
+
+    /// The limiter this layer charges.
+    #[must_use]
+    pub fn limiter(&self) -> &RateLimiter {
+        &self.limiter
+    }
+
+    /// Counters of this layer (shared by its clones) and of its limiter.
+    #[must_use]
+    pub fn stats(&self) -> RateLimitStats {
+        self.state.stats(self.limiter.stats())
+    }
+
+    /// The same layer for any request type, failing refused requests with a
+    /// [`Rejection`] error instead of answering them.
+    #[must_use]
+    pub fn into_generic(self) -> GenericRateLimitLayer<K, C> {
+        GenericRateLimitLayer { layer: self }
+    }
+
+    fn shared(&self) -> Arc<Shared<K, C>>
+    where
+        K: Clone,
+        C: Clone,
+    {
+        Arc::new(Shared {
+            limiter: self.limiter.clone(),
+            key: self.key.clone(),
+            cost: self.cost.clone(),
+            config: self.config,
+            state: Arc::clone(&self.state),
+        })
+    }
+}
+
+impl<K: Clone, C: Clone> Clone for RateLimitLayer<K, C> {
+    fn clone(&self) -> Self {
+        Self {
+            limiter: self.limiter.clone(),
+            key: self.key.clone(),
+            cost: self.cost.clone(),
+            config: self.config,
+            state: Arc::clone(&self.state),
+        }
+    }
+}
+
+impl<K: fmt::Debug, C: fmt::Debug> fmt::Debug for RateLimitLayer<K, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimitLayer")
+            .field("limiter", &self.limiter)
+            .field("key", &self.key)
+            .field("cost", &self.cost)
+            .field("config", &self.config)
+            .field("shadow", &self.is_shadow())
+            .finish()
+    }
+}
+
+impl<S, K: Clone, C: Clone> Layer<S> for RateLimitLayer<K, C> {
+    type Service = RateLimit<S, K, C>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RateLimit::new(inner, self.shared())
+    }
+}
+
+/// [`RateLimitLayer`] for any request type: refused requests fail with a
+/// boxed [`Rejection`]. Made by [`RateLimitLayer::into_generic`].
+///
+/// ```
+/// use std::num::NonZeroU32;
+/// use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+/// use tower_floodgate::{key, Quota, RateLimitLayer, RateLimiter, Rejection, TenantKey};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// struct Job { tenant: &'static str }
+/// let limiter = RateLimiter::new(Quota::per_hour(NonZeroU32::new(1).unwrap()));
+/// let mut svc = ServiceBuilder::new()
+///     .layer(RateLimitLayer::new(limiter)
+///         .key(key::from_fn(|job: &Job| Some(TenantKey::from(job.tenant))))
+///         .into_generic())
+///     .service(service_fn(|_: Job| async { Ok::<_, std::convert::Infallible>("done") }));
+///
+/// assert!(svc.ready().await.unwrap().call(Job { tenant: "a" }).await.is_ok());
+/// let err = svc.ready().await.unwrap().call(Job { tenant: "a" }).await.unwrap_err();
+/// assert!(matches!(err.downcast_ref::<Rejection>(), Some(Rejection::RateLimited(_))));
+/// # }
+/// ```
+pub struct GenericRateLimitLayer<K = Extension<TenantKey>, C = UnitCost> {
+    layer: RateLimitLayer<K, C>,
+}
+
+impl<K, C> GenericRateLimitLayer<K, C> {
+    /// The HTTP layer this was made from (for its settings and stats).
+    #[must_use]
+    pub fn get_ref(&self) -> &RateLimitLayer<K, C> {
+        &self.layer
+    }
+}
+
+impl<K: Clone, C: Clone> Clone for GenericRateLimitLayer<K, C> {
+    fn clone(&self) -> Self {
+        Self {
+            layer: self.layer.clone(),
+        }
+    }
+}
+
+impl<K: fmt::Debug, C: fmt::Debug> fmt::Debug for GenericRateLimitLayer<K, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("GenericRateLimitLayer")
+            .field(&self.layer)
+            .finish()
+    }
+}
+
+impl<S, K: Clone, C: Clone> Layer<S> for GenericRateLimitLayer<K, C> {
+    type Service = GenericRateLimit<S, K, C>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GenericRateLimit::new(inner, self.layer.shared())
+    }
+}
+
+/// Counters of a [`RateLimitLayer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RateLimitStats {
+    /// Requests refused because their tenant was over its rate.
+    pub rate_limited: u64,
+    /// Requests refused for a missing, malformed or oversized key.
+    pub key_rejected: u64,
+    /// Requests refused for an unreadable cost.
+    pub cost_rejected: u64,
+    /// Requests that shadow mode let through but would have refused.
+    pub shadow_rejected: u64,
+    /// The limiter's tenant table.
+    pub limiter: RateLimiterStats,
+}
+
+#[derive(Default)]
+pub(super) struct LayerState {
+    shadow: AtomicBool,
+    rate_limited: AtomicU64,
+    key_rejected: AtomicU64,
+    cost_rejected: AtomicU64,
+    shadow_rejected: AtomicU64,
+    log: LogGate,
+}
+
+impl LayerState {
+    fn stats(&self, limiter: RateLimiterStats) -> RateLimitStats {
+        RateLimitStats {
+            rate_limited: self.rate_limited.load(Ordering::Relaxed),
+            key_rejected: self.key_rejected.load(Ordering::Relaxed),
+            cost_rejected: self.cost_rejected.load(Ordering::Relaxed),
+            shadow_rejected: self.shadow_rejected.load(Ordering::Relaxed),
+            limiter,
+        }
+    }
+}
+
+/// Lets one log event through per second; counts the others.
+#[derive(Default)]
+struct LogGate {
+    next: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl LogGate {
+    const INTERVAL: u64 = 1_000_000_000;
+
+    /// `Some(events suppressed since the last one)` if this one may log.
+    fn pass(&self, now: u64) -> Option<u64> {
+        let next = self.next.load(Ordering::Relaxed);
+        if now >= next
+            && self
+                .next
+                .compare_exchange(
+                    next,
+                    now.saturating_add(Self::INTERVAL),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+/// What the services of one `layer()` call share.
+pub(super) struct Shared<K, C> {
+    limiter: RateLimiter,
+    key: K,
+    cost: C,
+    config: Config,
+    state: Arc<LayerState>,
+}
+
+/// Headers for an admitted response.
+#[derive(Debug)]
+pub(super) struct SuccessHeaders {
+    pub(super) policy: HeaderValue,
+    pub(super) limit: HeaderValue,
+}
+
+impl<K, C> Shared<K, C> {
+    /// Decides for `req`. `Ok` carries the headers for the admitted response,
+    /// if enabled. In shadow mode every request is `Ok`.
+    #[inline]
+    pub(super) fn admit<Req>(&self, req: &Req) -> Result<Option<Box<SuccessHeaders>>, Rejection>
+    where
+        K: KeyExtractor<Req>,
+        C: RequestCost<Req>,
+    {
+        match self.judge(req) {
+            Ok(headers) => Ok(headers),
+            Err(rejection) => self.refuse(rejection),
+        }
+    }
+
+    #[inline]
+    fn judge<Req>(&self, req: &Req) -> Result<Option<Box<SuccessHeaders>>, Rejection>
+    where
+        K: KeyExtractor<Req>,
+        C: RequestCost<Req>,
+    {
+        let tenant = match self.key.extract(req) {
+            Ok(tenant) => tenant,
+            Err(KeyError::Missing) => match self.config.missing {
+                MissingKey::Anonymous => TenantKey::anonymous(),
+                MissingKey::Unauthorized => {
+                    return Err(Rejection::MissingKey {
+                        status: StatusCode::UNAUTHORIZED,
+                    });
+                }
+                MissingKey::BadRequest => {
+                    return Err(Rejection::MissingKey {
+                        status: StatusCode::BAD_REQUEST,
+                    });
+                }
+            },
+            Err(KeyError::Invalid(reason)) => return Err(Rejection::InvalidKey { reason }),
+        };
+        if tenant.len() > self.config.max_key_len {
+            return Err(Rejection::KeyTooLong {
+                len: tenant.len(),
+                max: self.config.max_key_len,
+            });
+        }
+        let cost = self
+            .cost
+            .cost(req)
+            .map_err(|e| Rejection::InvalidCost { reason: e.reason() })?;
+        let bytes = tenant.as_bytes();
+        let success_headers = self.config.success_headers;
+        self.limiter.decide(
+            tenant_hash(bytes),
+            bytes,
+            cost,
+            |plan, result| match result {
+                Ok(allowed) => Ok(match (success_headers, allowed.usage()) {
+                    (true, Some(usage)) => plan.rate_policy_header().map(|policy| {
+                        Box::new(SuccessHeaders {
+                            policy: policy.clone(),
+                            limit: ratelimit_value(plan, usage),
+                        })
+                    }),
+                    _ => None,
+                }),
+                Err(denied) => Err(Rejection::RateLimited(RateLimited::new(
+                    tenant.clone(),
+                    plan.clone(),
+                    denied,
+                ))),
+            },
+        )
+    }
+
+    #[cold]
+    fn refuse(&self, rejection: Rejection) -> Result<Option<Box<SuccessHeaders>>, Rejection> {
+        let state = &*self.state;
+        let counter = match rejection {
+            Rejection::RateLimited(_) => &state.rate_limited,
+            Rejection::InvalidCost { .. } => &state.cost_rejected,
+            _ => &state.key_rejected,
+        };
+        let shadow = state.shadow.load(Ordering::Relaxed);
+        let suppressed = state.log.pass(self.limiter.clock().now_nanos());
+        if shadow {
+            state.shadow_rejected.fetch_add(1, Ordering::Relaxed);
+            if let Some(suppressed) = suppressed {
+                log_rejection(&rejection, true, suppressed);
+            }
+            return Ok(None);
+        }
+        counter.fetch_add(1, Ordering::Relaxed);
+        if let Some(suppressed) = suppressed {
+            log_rejection(&rejection, false, suppressed);
+        }
+        Err(rejection)
+    }
+}
+
+fn log_rejection(rejection: &Rejection, shadow: bool, suppressed: u64) {
+    let tenant = rejection.as_rate_limited().map(|r| r.tenant().to_string());
+    let tenant = tenant.as_deref().unwrap_or("-");
+    if shadow {
+        tracing::warn!(
+            target: "tower_floodgate::rate_limit",
+            tenant,
+            status = rejection.status().as_u16(),
+            suppressed,
+            "shadow mode: would have refused the request: {rejection}"
+        );
+    } else {
+        tracing::debug!(
+            target: "tower_floodgate::rate_limit",
+            tenant,
+            status = rejection.status().as_u16(),
+            suppressed,
+            "refused the request: {rejection}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_gate_lets_one_event_a_second_through() {
+        let gate = LogGate::default();
+        assert_eq!(gate.pass(0), Some(0));
+        for t in 1..1000 {
+            assert_eq!(gate.pass(t * 1_000), None);
+        }
+        assert_eq!(gate.pass(1_000_000_000), Some(999));
+        assert_eq!(gate.pass(1_000_000_001), None);
+    }
+}

@@ -1,0 +1,149 @@
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tower_service::Service;
+
+use super::future::{GenericResponseFuture, ResponseFuture};
+use super::layer::Shared;
+use crate::cost::RequestCost;
+use crate::key::KeyExtractor;
+use crate::response::{ResponseBody, is_grpc, rejection_response};
+
+/// The HTTP service made by [`RateLimitLayer`](super::RateLimitLayer).
+pub struct RateLimit<S, K, C> {
+    inner: S,
+    shared: Arc<Shared<K, C>>,
+}
+
+impl<S, K, C> RateLimit<S, K, C> {
+    pub(super) fn new(inner: S, shared: Arc<Shared<K, C>>) -> Self {
+        Self { inner, shared }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, unwrapped.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone, K, C> Clone for RateLimit<S, K, C> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<S: fmt::Debug, K, C> fmt::Debug for RateLimit<S, K, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimit")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, K, C, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S, K, C>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    K: KeyExtractor<Request<ReqBody>>,
+    C: RequestCost<Request<ReqBody>>,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        match self.shared.admit(&req) {
+            Ok(headers) => ResponseFuture::admitted(self.inner.call(req), headers),
+            Err(rejection) => {
+                ResponseFuture::rejected(rejection_response(rejection, is_grpc(req.headers())))
+            }
+        }
+    }
+}
+
+/// The service made by [`GenericRateLimitLayer`](super::GenericRateLimitLayer).
+pub struct GenericRateLimit<S, K, C> {
+    inner: S,
+    shared: Arc<Shared<K, C>>,
+}
+
+impl<S, K, C> GenericRateLimit<S, K, C> {
+    pub(super) fn new(inner: S, shared: Arc<Shared<K, C>>) -> Self {
+        Self { inner, shared }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, unwrapped.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone, K, C> Clone for GenericRateLimit<S, K, C> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<S: fmt::Debug, K, C> fmt::Debug for GenericRateLimit<S, K, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GenericRateLimit")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, K, C, Req> Service<Req> for GenericRateLimit<S, K, C>
+where
+    S: Service<Req>,
+    S::Error: Into<crate::BoxError>,
+    K: KeyExtractor<Req>,
+    C: RequestCost<Req>,
+{
+    type Response = S::Response;
+    type Error = crate::BoxError;
+    type Future = GenericResponseFuture<S::Future>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        match self.shared.admit(&req) {
+            Ok(_) => GenericResponseFuture::admitted(self.inner.call(req)),
+            Err(rejection) => GenericResponseFuture::rejected(rejection),
+        }
+    }
+}

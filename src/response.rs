@@ -1,0 +1,334 @@
+//! What refused requests are answered with.
+//!
+//! HTTP requests get an RFC 9457 `application/problem+json` body:
+//!
+//! | cause | status | problem `type` | headers |
+//! |---|---|---|---|
+//! | tenant over its rate | 429 | `https://iana.org/assignments/http-problem-types#quota-exceeded` | `Retry-After`, `RateLimit-Policy`, `RateLimit` |
+//! | no tenant key | 401 (or 400) | `about:blank` | |
+//! | malformed or oversized key, bad cost | 400 | `about:blank` | |
+//!
+//! `Retry-After` is in whole seconds, rounded up, and never 0 when a wait is
+//! needed; it is left out when no wait will help (the request costs more than
+//! the burst). `RateLimit-Policy` and `RateLimit` follow the IETF httpapi
+//! draft -10 (Structured Fields): `RateLimit-Policy: "pro";q=100;w=1` and
+//! `RateLimit: "pro";r=0;t=1`, where `t` is the time until the next unit of
+//! quota comes back.
+//!
+//! gRPC requests (`content-type: application/grpc…`) get a trailers-only gRPC
+//! response instead: HTTP 200 with `grpc-status` (RESOURCE_EXHAUSTED,
+//! UNAUTHENTICATED or INVALID_ARGUMENT), a percent-encoded `grpc-message`,
+//! and for rate limits `grpc-retry-pushback-ms` (negative: do not retry) and
+//! `retry-after`, which tonic clients see in [`Status::metadata`].
+//!
+//! [`Status::metadata`]: https://docs.rs/tonic/latest/tonic/struct.Status.html#method.metadata
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderMap, HeaderName, HeaderValue, Response};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use crate::error::{RateLimited, Rejection};
+use crate::limiter::Usage;
+use crate::policy::Plan;
+
+/// `RateLimit-Policy`.
+pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+/// `RateLimit`.
+pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+/// `grpc-retry-pushback-ms`.
+pub const GRPC_RETRY_PUSHBACK_MS: HeaderName = HeaderName::from_static("grpc-retry-pushback-ms");
+
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+const PROBLEM_JSON: HeaderValue = HeaderValue::from_static("application/problem+json");
+const GRPC: HeaderValue = HeaderValue::from_static("application/grpc");
+const QUOTA_EXCEEDED: &str = "https://iana.org/assignments/http-problem-types#quota-exceeded";
+
+pin_project! {
+    /// The response body of the HTTP layers: the inner service's body, or the
+    /// body of a rejection.
+    pub struct ResponseBody<B> {
+        #[pin]
+        kind: Kind<B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<B> {
+        Inner { #[pin] body: B },
+        Full { data: Option<Bytes> },
+    }
+}
+
+impl<B> ResponseBody<B> {
+    pub(crate) fn inner(body: B) -> Self {
+        Self {
+            kind: Kind::Inner { body },
+        }
+    }
+
+    pub(crate) fn full(data: Bytes) -> Self {
+        Self {
+            kind: Kind::Full {
+                data: (!data.is_empty()).then_some(data),
+            },
+        }
+    }
+}
+
+impl<B> std::fmt::Debug for ResponseBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.kind {
+            Kind::Inner { .. } => f.write_str("ResponseBody::Inner"),
+            Kind::Full { data } => f
+                .debug_struct("ResponseBody::Rejection")
+                .field("len", &data.as_ref().map_or(0, Bytes::len))
+                .finish(),
+        }
+    }
+}
+
+impl<B> Body for ResponseBody<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.project().kind.project() {
+            KindProj::Inner { body } => body.poll_frame(cx),
+            KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Inner { body } => body.is_end_stream(),
+            Kind::Full { data } => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Inner { body } => body.size_hint(),
+            Kind::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}
+
+/// Whether a request is gRPC, judging by its content type.
+#[inline]
+pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The response to a refused request; the rejection goes into its
+/// extensions.
+pub(crate) fn rejection_response<B>(rejection: Rejection, grpc: bool) -> Response<ResponseBody<B>> {
+    let mut response = if grpc {
+        grpc_response(&rejection)
+    } else {
+        http_response(&rejection)
+    };
+    response.extensions_mut().insert(rejection);
+    response.map(ResponseBody::full)
+}
+
+fn http_response(rejection: &Rejection) -> Response<Bytes> {
+    let status = rejection.status();
+    let mut body = String::with_capacity(256);
+    body.push('{');
+    match rejection {
+        Rejection::RateLimited(limited) => {
+            json_member(&mut body, "type", QUOTA_EXCEEDED);
+            json_member(&mut body, "title", "Quota Exceeded");
+            body.push_str(&format!(",\"status\":{}", status.as_u16()));
+            json_member(&mut body, "detail", &limited.denied().describe());
+            body.push_str(",\"violated-policies\":[");
+            json_string(&mut body, limited.plan().name());
+            body.push(']');
+            if let Some(wait) = limited.denied().retry_after() {
+                body.push_str(&format!(",\"retry_after\":{}", ceil_secs(wait)));
+            }
+        }
+        other => {
+            json_member(&mut body, "type", "about:blank");
+            json_member(
+                &mut body,
+                "title",
+                status.canonical_reason().unwrap_or("Error"),
+            );
+            body.push_str(&format!(",\"status\":{}", status.as_u16()));
+            json_member(&mut body, "detail", &other.to_string());
+        }
+    }
+    body.push('}');
+
+    let mut response = Response::new(Bytes::from(body));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, PROBLEM_JSON);
+    if let Rejection::RateLimited(limited) = rejection {
+        rate_limited_headers(headers, limited);
+    }
+    response
+}
+
+fn grpc_response(rejection: &Rejection) -> Response<Bytes> {
+    let mut response = Response::new(Bytes::new());
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, GRPC);
+    headers.insert(
+        GRPC_STATUS,
+        HeaderValue::from(rejection.grpc_code().as_i32()),
+    );
+    if let Ok(message) = HeaderValue::from_str(&percent_encode(&rejection.to_string())) {
+        headers.insert(GRPC_MESSAGE, message);
+    }
+    for (name, value) in grpc_metadata(rejection) {
+        headers.insert(name, value);
+    }
+    response
+}
+
+/// The custom metadata of a gRPC rejection.
+pub(crate) fn grpc_metadata(rejection: &Rejection) -> Vec<(HeaderName, HeaderValue)> {
+    let mut out = Vec::new();
+    if let Rejection::RateLimited(limited) = rejection {
+        let pushback = match limited.denied().retry_after() {
+            Some(wait) => i32::try_from(wait.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX),
+            None => -1,
+        };
+        out.push((GRPC_RETRY_PUSHBACK_MS, HeaderValue::from(pushback)));
+        let mut headers = HeaderMap::new();
+        rate_limited_headers(&mut headers, limited);
+        out.extend(headers.into_iter().filter_map(|(n, v)| Some((n?, v))));
+    }
+    out
+}
+
+fn rate_limited_headers(headers: &mut HeaderMap, limited: &RateLimited) {
+    if let Some(wait) = limited.denied().retry_after() {
+        headers.insert(RETRY_AFTER, HeaderValue::from(ceil_secs(wait)));
+    }
+    if let Some(policy) = limited.plan().rate_policy_header() {
+        headers.insert(RATELIMIT_POLICY, policy.clone());
+    }
+    headers.insert(
+        RATELIMIT,
+        ratelimit_value(limited.plan(), limited.denied().usage()),
+    );
+}
+
+/// The `RateLimit` field value for `plan` in state `usage`.
+pub(crate) fn ratelimit_value(plan: &Plan, usage: &Usage) -> HeaderValue {
+    let mut value = String::with_capacity(plan.sf_name().len() + 24);
+    value.push_str(plan.sf_name());
+    value.push_str(";r=");
+    value.push_str(itoa::Buffer::new().format(usage.remaining()));
+    if !usage.next_unit_after().is_zero() {
+        value.push_str(";t=");
+        value.push_str(itoa::Buffer::new().format(ceil_secs(usage.next_unit_after())));
+    }
+    // Built from printable ASCII only.
+    HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static("\"default\";r=0"))
+}
+
+/// Whole seconds, rounded up: never 0 for a non-zero wait.
+pub(crate) fn ceil_secs(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos().div_ceil(1_000_000_000)).unwrap_or(u64::MAX)
+}
+
+fn json_member(out: &mut String, name: &str, value: &str) {
+    if !out.ends_with('{') {
+        out.push(',');
+    }
+    json_string(out, name);
+    out.push(':');
+    json_string(out, value);
+}
+
+fn json_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if u32::from(c) < 0x20 || c == '\u{2028}' || c == '\u{2029}' => {
+                out.push_str(&format!("\\u{:04x}", u32::from(c)));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// gRPC's percent-encoding of `grpc-message`: bytes outside 0x20–0x7E, and
+/// `%`, as `%XX`.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for &b in s.as_bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ceil_secs_rounds_up_and_never_gives_zero_for_a_wait() {
+        assert_eq!(ceil_secs(Duration::ZERO), 0);
+        assert_eq!(ceil_secs(Duration::from_nanos(1)), 1);
+        assert_eq!(ceil_secs(Duration::from_millis(1000)), 1);
+        assert_eq!(ceil_secs(Duration::from_millis(1001)), 2);
+    }
+
+    #[test]
+    fn json_strings_are_escaped() {
+        let mut s = String::new();
+        json_string(&mut s, "a\"b\\c\nd\u{1}");
+        assert_eq!(s, r#""a\"b\\c\nd\u0001""#);
+    }
+
+    #[test]
+    fn grpc_messages_are_percent_encoded() {
+        assert_eq!(percent_encode("50% off: é\n"), "50%25 off: %C3%A9%0A");
+    }
+
+    #[test]
+    fn grpc_detection() {
+        let mut h = HeaderMap::new();
+        assert!(!is_grpc(&h));
+        h.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc+proto"),
+        );
+        assert!(is_grpc(&h));
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        assert!(!is_grpc(&h));
+    }
+}
