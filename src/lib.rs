@@ -87,3 +87,7 @@ pub use rate_limit::{MissingKey, RateLimitLayer};
 /// The boxed error of the generic (non-HTTP) services.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The README's code, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
