@@ -27,6 +27,9 @@ pub enum Rejection {
     MissingKey {
         /// 401 or 400, as configured.
         status: StatusCode,
+        /// The `WWW-Authenticate` challenge sent with a 401, if the key
+        /// extractor names one (the bearer extractor says `Bearer`).
+        challenge: Option<http::HeaderValue>,
     },
     /// The request carries a malformed tenant key.
     #[error("the tenant key is invalid: {reason}")]
@@ -56,7 +59,7 @@ impl Rejection {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
-            Self::MissingKey { status } => *status,
+            Self::MissingKey { status, .. } => *status,
             Self::InvalidKey { .. } | Self::KeyTooLong { .. } | Self::InvalidCost { .. } => {
                 StatusCode::BAD_REQUEST
             }
@@ -68,7 +71,7 @@ impl Rejection {
     pub fn grpc_code(&self) -> GrpcCode {
         match self {
             Self::RateLimited(_) => GrpcCode::ResourceExhausted,
-            Self::MissingKey { status } if *status == StatusCode::UNAUTHORIZED => {
+            Self::MissingKey { status, .. } if *status == StatusCode::UNAUTHORIZED => {
                 GrpcCode::Unauthenticated
             }
             Self::MissingKey { .. }

@@ -357,6 +357,13 @@ pub trait KeyExtractor<Req: ?Sized> {
     /// 401 by default), [`KeyError::Invalid`] when it has a malformed one
     /// (400).
     fn extract(&self, req: &Req) -> Result<TenantKey, KeyError>;
+
+    /// The `WWW-Authenticate` challenge to send with the 401 answering a
+    /// request without a key (RFC 9110 §15.5.2), if this extractor reads a
+    /// credential. `None` by default.
+    fn challenge(&self) -> Option<http::HeaderValue> {
+        None
+    }
 }
 
 /// Reads a typed request extension. See [`extension`].
@@ -513,6 +520,10 @@ impl<B> KeyExtractor<http::Request<B>> for Bearer {
             ));
         }
         Ok(TenantKey::copy_from_slice(token).sensitive())
+    }
+
+    fn challenge(&self) -> Option<http::HeaderValue> {
+        Some(http::HeaderValue::from_static("Bearer"))
     }
 }
 

@@ -481,7 +481,8 @@ impl PolicyHandle {
 
     /// Derives a new policy from the current one and puts it in force.
     /// Changes are serialised: concurrent updates each see the result of
-    /// the one before.
+    /// the one before. `change` must not itself change this handle (that
+    /// would wait for itself).
     ///
     /// # Errors
     ///

@@ -5,7 +5,7 @@
 //! | cause | status | problem `type` | headers |
 //! |---|---|---|---|
 //! | tenant over its rate | 429 | `https://iana.org/assignments/http-problem-types#quota-exceeded` | `Retry-After`, `RateLimit-Policy`, `RateLimit` |
-//! | no tenant key | 401 (or 400) | `about:blank` | |
+//! | no tenant key | 401 (or 400) | `about:blank` | `WWW-Authenticate` (with [`key::bearer`](crate::key::bearer)) |
 //! | malformed or oversized key, bad cost | 400 | `about:blank` | |
 //!
 //! `Retry-After` is in whole seconds, rounded up, and never 0 when a wait is
@@ -28,7 +28,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::header::{CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderMap, HeaderName, HeaderValue, Response};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -183,8 +183,15 @@ fn http_response(rejection: &Rejection) -> Response<Bytes> {
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, PROBLEM_JSON);
-    if let Rejection::RateLimited(limited) = rejection {
-        rate_limited_headers(headers, limited);
+    match rejection {
+        Rejection::RateLimited(limited) => rate_limited_headers(headers, limited),
+        Rejection::MissingKey {
+            challenge: Some(challenge),
+            ..
+        } => {
+            headers.insert(WWW_AUTHENTICATE, challenge.clone());
+        }
+        _ => {}
     }
     response
 }

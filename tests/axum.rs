@@ -250,6 +250,22 @@ async fn missing_keys_are_refused_or_share_the_anonymous_bucket() {
     assert_eq!(reply.json()["status"], 401);
     assert_eq!(reply.json()["detail"], "the request carries no tenant key");
 
+    assert_eq!(reply.header("www-authenticate"), None);
+
+    // A bearer-token tenant is told how to authenticate.
+    let (limiter, _time) = self::limiter(Quota::per_hour(nz(2)));
+    let bearer = Router::new()
+        .route("/", get(|| async { "ok" }))
+        .layer(RateLimitLayer::new(limiter).key(key::bearer()));
+    let http = Http::new(serve(bearer).await);
+    let reply = http.send("GET", "/", &[], "").await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(reply.header("www-authenticate"), Some("Bearer"));
+    let reply = http
+        .send("GET", "/", &[("authorization", "Bearer k3y")], "")
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+
     let http = Http::new(serve(app(base.clone().on_missing_key(MissingKey::BadRequest))).await);
     assert_eq!(
         http.send("GET", "/", &[], "").await.status,

@@ -20,9 +20,14 @@ fn nz(n: u32) -> NonZeroU32 {
     NonZeroU32::new(n).expect("non-zero")
 }
 
-async fn serve<K>(layer: RateLimitLayer<K>) -> Channel
+async fn serve<K, C>(layer: RateLimitLayer<K, C>) -> Channel
 where
     K: tower_floodgate::KeyExtractor<http::Request<tonic::body::Body>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    C: tower_floodgate::cost::RequestCost<http::Request<tonic::body::Body>>
         + Clone
         + Send
         + Sync
@@ -119,24 +124,7 @@ async fn a_cost_above_the_burst_asks_not_to_retry() {
             .cost(tower_floodgate::cost::from_fn(
                 |_: &http::Request<tonic::body::Body>| 3,
             ));
-    let (_reporter, health) = tonic_health::server::health_reporter();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        Server::builder()
-            .layer(layer)
-            .add_service(health)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await
-            .expect("serve");
-    });
-    let channel = Endpoint::from_shared(format!("http://{addr}"))
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect");
+    let channel = serve(layer).await;
     let status = check(&channel, Some("t")).await.expect_err("too big");
     assert_eq!(status.code(), Code::ResourceExhausted);
     assert_eq!(meta(&status, "grpc-retry-pushback-ms"), Some("-1"));

@@ -393,11 +393,13 @@ impl<K, C> Shared<K, C> {
                 MissingKey::Unauthorized => {
                     return Err(Rejection::MissingKey {
                         status: StatusCode::UNAUTHORIZED,
+                        challenge: self.key.challenge(),
                     });
                 }
                 MissingKey::BadRequest => {
                     return Err(Rejection::MissingKey {
                         status: StatusCode::BAD_REQUEST,
+                        challenge: None,
                     });
                 }
             },

@@ -11,48 +11,56 @@ use crate::cost::RequestCost;
 use crate::key::KeyExtractor;
 use crate::response::{ResponseBody, is_grpc, rejection_response};
 
+/// The constructor, accessors, `Clone` and `Debug` shared by both services.
+macro_rules! service_common {
+    ($name:ident) => {
+        impl<S, K, C> $name<S, K, C> {
+            pub(super) fn new(inner: S, shared: Arc<Shared<K, C>>) -> Self {
+                Self { inner, shared }
+            }
+
+            /// The inner service.
+            pub fn get_ref(&self) -> &S {
+                &self.inner
+            }
+
+            /// The inner service, mutably.
+            pub fn get_mut(&mut self) -> &mut S {
+                &mut self.inner
+            }
+
+            /// The inner service, unwrapped.
+            pub fn into_inner(self) -> S {
+                self.inner
+            }
+        }
+
+        impl<S: Clone, K, C> Clone for $name<S, K, C> {
+            fn clone(&self) -> Self {
+                Self {
+                    inner: self.inner.clone(),
+                    shared: Arc::clone(&self.shared),
+                }
+            }
+        }
+
+        impl<S: fmt::Debug, K, C> fmt::Debug for $name<S, K, C> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_struct(stringify!($name))
+                    .field("inner", &self.inner)
+                    .finish_non_exhaustive()
+            }
+        }
+    };
+}
+
+service_common!(RateLimit);
+service_common!(GenericRateLimit);
+
 /// The HTTP service made by [`RateLimitLayer`](super::RateLimitLayer).
 pub struct RateLimit<S, K, C> {
     inner: S,
     shared: Arc<Shared<K, C>>,
-}
-
-impl<S, K, C> RateLimit<S, K, C> {
-    pub(super) fn new(inner: S, shared: Arc<Shared<K, C>>) -> Self {
-        Self { inner, shared }
-    }
-
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// The inner service, unwrapped.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
-}
-
-impl<S: Clone, K, C> Clone for RateLimit<S, K, C> {
-    fn clone(&self) -> Self {
-        Self {
-            inner: self.inner.clone(),
-            shared: Arc::clone(&self.shared),
-        }
-    }
-}
-
-impl<S: fmt::Debug, K, C> fmt::Debug for RateLimit<S, K, C> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RateLimit")
-            .field("inner", &self.inner)
-            .finish_non_exhaustive()
-    }
 }
 
 impl<S, K, C, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S, K, C>
@@ -84,44 +92,6 @@ where
 pub struct GenericRateLimit<S, K, C> {
     inner: S,
     shared: Arc<Shared<K, C>>,
-}
-
-impl<S, K, C> GenericRateLimit<S, K, C> {
-    pub(super) fn new(inner: S, shared: Arc<Shared<K, C>>) -> Self {
-        Self { inner, shared }
-    }
-
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// The inner service, unwrapped.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
-}
-
-impl<S: Clone, K, C> Clone for GenericRateLimit<S, K, C> {
-    fn clone(&self) -> Self {
-        Self {
-            inner: self.inner.clone(),
-            shared: Arc::clone(&self.shared),
-        }
-    }
-}
-
-impl<S: fmt::Debug, K, C> fmt::Debug for GenericRateLimit<S, K, C> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("GenericRateLimit")
-            .field("inner", &self.inner)
-            .finish_non_exhaustive()
-    }
 }
 
 impl<S, K, C, Req> Service<Req> for GenericRateLimit<S, K, C>
