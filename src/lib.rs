@@ -72,6 +72,7 @@ pub mod policy;
 mod quota;
 pub mod rate_limit;
 pub mod response;
+mod table;
 
 pub use clock::{Clock, ManualClock};
 pub use error::{RateLimited, Rejection};

@@ -151,7 +151,7 @@ impl RateLimiter {
     ) -> R {
         let inner = &*self.inner;
         let snapshot = inner.store.snapshot();
-        let plan = snapshot.policy.plan_for_hashed(hash, tenant);
+        let plan = snapshot.extra.plan_for_hashed(hash, tenant);
         let Some(quota) = plan.rate_quota() else {
             return f(plan, Ok(Allowed { usage: None }));
         };
