@@ -5,14 +5,13 @@
 //! a table prints each workload's times and the ratio floodgate / other
 //! (below 1.0 means floodgate is faster).
 
+mod support;
+
 use std::convert::Infallible;
-use std::future::Future;
 use std::hint::black_box;
 use std::num::NonZeroU32;
-use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -195,15 +194,6 @@ where
     start.elapsed()
 }
 
-/// Polls a future that is ready at once.
-fn now<F: Future>(f: F) -> F::Output {
-    let mut f = pin!(f);
-    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(out) => out,
-        Poll::Pending => unreachable!("the benchmarked services never wait"),
-    }
-}
-
 fn request(tenant: &str) -> Request<Body> {
     let mut req = Request::new(Body::empty());
     if let Ok(v) = tenant.parse() {
@@ -241,7 +231,7 @@ fn layers(c: &mut Criterion) {
     group.bench_function("bare", |b| {
         b.iter_batched(
             || request("tenant-hot"),
-            |req| now(bare.call(req)),
+            |req| support::now(bare.call(req)),
             BatchSize::SmallInput,
         )
     });
@@ -258,7 +248,7 @@ fn layers(c: &mut Criterion) {
         group.bench_function("tower_governor", |b| {
             b.iter_batched(
                 || request("tenant-hot"),
-                |req| now(governed.call(req)),
+                |req| support::now(governed.call(req)),
                 BatchSize::SmallInput,
             )
         });
@@ -271,48 +261,11 @@ fn layers(c: &mut Criterion) {
     group.bench_function("floodgate", |b| {
         b.iter_batched(
             || request("tenant-hot"),
-            |req| now(ours.call(req)),
+            |req| support::now(ours.call(req)),
             BatchSize::SmallInput,
         )
     });
     group.finish();
-}
-
-/// Reads criterion's estimates back and prints floodgate's time as a ratio
-/// of each other crate's, per workload.
-fn print_ratios(groups: &[&str]) {
-    let root = std::env::var_os("CRITERION_HOME")
-        .map(std::path::PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("CARGO_TARGET_DIR")
-                .map(|d| std::path::PathBuf::from(d).join("criterion"))
-        })
-        .unwrap_or_else(|| std::path::PathBuf::from("target/criterion"));
-    let mean = |group: &str, f: &str| -> Option<f64> {
-        let text =
-            std::fs::read_to_string(root.join(group).join(f).join("new/estimates.json")).ok()?;
-        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-        v["mean"]["point_estimate"].as_f64()
-    };
-    println!(
-        "\n{:<28} {:>14} {:>14} {:>16} {:>8}",
-        "workload", "floodgate", "other", "other crate", "ratio"
-    );
-    for group in groups {
-        let Some(ours) = mean(group, "floodgate") else {
-            continue;
-        };
-        for other in ["governor", "tower_governor", "bare"] {
-            if let Some(theirs) = mean(group, other) {
-                println!(
-                    "{group:<28} {:>11.1} ns {:>11.1} ns {other:>16} {:>8.2}",
-                    ours,
-                    theirs,
-                    ours / theirs
-                );
-            }
-        }
-    }
 }
 
 fn main() {
@@ -332,7 +285,7 @@ fn main() {
     layers(&mut c);
 
     c.final_summary();
-    print_ratios(&[
+    support::print_comparison(&[
         "hot_tenant_allow",
         "hot_tenant_deny",
         "tenants_10k_round_robin",
@@ -341,5 +294,5 @@ fn main() {
         "two_threads_one_tenant",
         "two_threads_own_tenants",
         "layer_one_tenant",
-    ]);
+    ], &["governor", "tower_governor", "bare"]);
 }

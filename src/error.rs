@@ -22,6 +22,14 @@ pub enum Rejection {
     /// The tenant is over its rate quota.
     #[error(transparent)]
     RateLimited(RateLimited),
+    /// The tenant already has as many requests in flight as its plan
+    /// allows.
+    #[error(transparent)]
+    ConcurrencyCapped(Box<ConcurrencyCapped>),
+    /// The server is over capacity: its global cap is reached, or the load
+    /// shedder refused the request.
+    #[error(transparent)]
+    Overloaded(Box<Overloaded>),
     /// The request carries no tenant key.
     #[error("the request carries no tenant key")]
     MissingKey {
@@ -58,7 +66,8 @@ impl Rejection {
     #[must_use]
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited(_) | Self::ConcurrencyCapped(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::MissingKey { status, .. } => *status,
             Self::InvalidKey { .. } | Self::KeyTooLong { .. } | Self::InvalidCost { .. } => {
                 StatusCode::BAD_REQUEST
@@ -70,7 +79,8 @@ impl Rejection {
     #[must_use]
     pub fn grpc_code(&self) -> GrpcCode {
         match self {
-            Self::RateLimited(_) => GrpcCode::ResourceExhausted,
+            Self::RateLimited(_) | Self::ConcurrencyCapped(_) => GrpcCode::ResourceExhausted,
+            Self::Overloaded(_) => GrpcCode::Unavailable,
             Self::MissingKey { status, .. } if *status == StatusCode::UNAUTHORIZED => {
                 GrpcCode::Unauthenticated
             }
@@ -87,6 +97,18 @@ impl Rejection {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::RateLimited(limited) => limited.denied().retry_after(),
+            Self::Overloaded(overloaded) => Some(overloaded.retry_after),
+            _ => None,
+        }
+    }
+
+    /// The tenant refused, when the cause concerns one.
+    #[must_use]
+    pub fn tenant(&self) -> Option<&TenantKey> {
+        match self {
+            Self::RateLimited(limited) => Some(limited.tenant()),
+            Self::ConcurrencyCapped(capped) => Some(&capped.tenant),
+            Self::Overloaded(overloaded) => overloaded.tenant.as_ref(),
             _ => None,
         }
     }
@@ -176,6 +198,89 @@ impl RateLimited {
     pub fn reason(&self) -> DenyReason {
         self.inner.denied.reason()
     }
+}
+
+/// A tenant at its concurrency cap.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "tenant {tenant} has {cap} requests in flight, the most plan `{}` allows{}",
+    plan.name(),
+    if *queued { ", and waited in vain for one to finish" } else { "" }
+)]
+pub struct ConcurrencyCapped {
+    pub(crate) tenant: TenantKey,
+    pub(crate) plan: Plan,
+    pub(crate) cap: u32,
+    pub(crate) queued: bool,
+}
+
+impl ConcurrencyCapped {
+    /// The tenant.
+    #[must_use]
+    pub fn tenant(&self) -> &TenantKey {
+        &self.tenant
+    }
+
+    /// The plan whose cap was reached.
+    #[must_use]
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// The cap: requests in flight at once.
+    #[must_use]
+    pub fn cap(&self) -> u32 {
+        self.cap
+    }
+
+    /// Whether the request waited in the queue before being refused.
+    #[must_use]
+    pub fn queued(&self) -> bool {
+        self.queued
+    }
+}
+
+/// The server refusing work to protect itself.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the server is over capacity: {cause}; retry in {}s", crate::response::ceil_secs(*retry_after))]
+pub struct Overloaded {
+    pub(crate) cause: OverloadCause,
+    pub(crate) tenant: Option<TenantKey>,
+    pub(crate) retry_after: Duration,
+}
+
+impl Overloaded {
+    /// Why.
+    #[must_use]
+    pub fn cause(&self) -> &OverloadCause {
+        &self.cause
+    }
+
+    /// The tenant whose request was refused, if known.
+    #[must_use]
+    pub fn tenant(&self) -> Option<&TenantKey> {
+        self.tenant.as_ref()
+    }
+
+    /// How long the client should wait before retrying.
+    #[must_use]
+    pub fn retry_after(&self) -> Duration {
+        self.retry_after
+    }
+}
+
+/// Why the server is over capacity.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum OverloadCause {
+    /// The global concurrency cap is reached.
+    #[error("{cap} requests in flight, its global cap{}", if *queued { ", after waiting in the queue" } else { "" })]
+    GlobalCap {
+        /// The cap.
+        cap: u32,
+        /// Whether the request waited in the queue first.
+        queued: bool,
+    },
 }
 
 #[cfg(feature = "tonic")]

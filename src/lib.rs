@@ -60,32 +60,49 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-pub mod clock;
-pub mod cost;
-pub mod error;
-mod gcra;
-mod hash;
-pub mod key;
-mod limiter;
-mod memory;
-pub mod policy;
-mod quota;
-pub mod rate_limit;
-pub mod response;
-mod table;
+/// Items left out of `--cfg floodgate_loom` builds, which model-check the permit
+/// accounting alone (see `gate.rs`).
+macro_rules! not_loom {
+    ($($item:item)*) => { $( #[cfg(not(floodgate_loom))] $item )* };
+}
 
-pub use clock::{Clock, ManualClock};
-pub use error::{RateLimited, Rejection};
-pub use key::{KeyExtractor, TenantKey};
-pub use limiter::{
-    Allowed, DEFAULT_MAX_TENANTS, Denied, DenyReason, RateLimiter, RateLimiterBuilder,
-    RateLimiterStats, Usage,
-};
-pub use policy::{Plan, Policy, PolicyBuilder, PolicyError, PolicyHandle};
-pub use quota::{Quota, QuotaError};
-pub use rate_limit::{MissingKey, RateLimitLayer};
+mod gate;
+mod sync;
+
+not_loom! {
+    pub mod clock;
+    mod common;
+    pub mod concurrency;
+    pub mod cost;
+    pub mod error;
+    mod gcra;
+    mod hash;
+    mod inflight;
+    pub mod key;
+    mod limiter;
+    mod memory;
+    pub mod policy;
+    mod quota;
+    pub mod rate_limit;
+    pub mod response;
+    mod table;
+
+    pub use clock::{Clock, ManualClock};
+    pub use error::{ConcurrencyCapped, OverloadCause, Overloaded, RateLimited, Rejection};
+    pub use key::{KeyExtractor, TenantKey};
+    pub use limiter::{
+        Allowed, DEFAULT_MAX_TENANTS, Denied, DenyReason, RateLimiter, RateLimiterBuilder,
+        RateLimiterStats, Usage,
+    };
+    pub use policy::{Plan, Policy, PolicyBuilder, PolicyError, PolicyHandle};
+    pub use quota::{Quota, QuotaError};
+    pub use common::{DEFAULT_MAX_KEY_LEN, MissingKey};
+    pub use concurrency::ConcurrencyCapLayer;
+    pub use rate_limit::RateLimitLayer;
+}
 
 /// The boxed error of the generic (non-HTTP) services.
+#[cfg(not(floodgate_loom))]
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The README's code, compiled and run as doc tests.

@@ -60,6 +60,9 @@ struct PlanInner {
     rate: Option<Quota>,
     /// `"name";q=…;w=…`, rendered once.
     rate_policy: Option<HeaderValue>,
+    concurrency: Option<u32>,
+    /// `"name";q=…;qu="concurrent-requests"`, rendered once.
+    concurrency_policy: Option<HeaderValue>,
     /// The name as a Structured Fields string, quotes included.
     sf_name: Arc<str>,
 }
@@ -75,6 +78,8 @@ impl Plan {
                 name,
                 rate: None,
                 rate_policy: None,
+                concurrency: None,
+                concurrency_policy: None,
                 sf_name,
             }),
         }
@@ -92,6 +97,32 @@ impl Plan {
         self
     }
 
+    /// The same plan, allowing each tenant on it at most `max_in_flight`
+    /// requests at once (see [`ConcurrencyCapLayer`](crate::ConcurrencyCapLayer)).
+    /// Zero refuses every request: a way to block a tenant.
+    #[must_use]
+    pub fn concurrency(mut self, max_in_flight: u32) -> Self {
+        let inner = Arc::make_mut(&mut self.inner);
+        let value = format!(
+            "{};q={max_in_flight};qu=\"concurrent-requests\"",
+            inner.sf_name
+        );
+        inner.concurrency = Some(max_in_flight);
+        inner.concurrency_policy = HeaderValue::from_str(&value).ok();
+        self
+    }
+
+    /// The per-tenant concurrency cap, if the plan has one.
+    #[must_use]
+    #[inline]
+    pub fn concurrency_limit(&self) -> Option<u32> {
+        self.inner.concurrency
+    }
+
+    pub(crate) fn concurrency_policy_header(&self) -> Option<&HeaderValue> {
+        self.inner.concurrency_policy.as_ref()
+    }
+
     /// The plan's name.
     #[must_use]
     pub fn name(&self) -> &str {
@@ -100,6 +131,7 @@ impl Plan {
 
     /// The rate quota, if the plan is rate limited.
     #[must_use]
+    #[inline]
     pub fn rate_quota(&self) -> Option<&Quota> {
         self.inner.rate.as_ref()
     }
@@ -118,13 +150,16 @@ impl fmt::Debug for Plan {
         f.debug_struct("Plan")
             .field("name", &self.inner.name)
             .field("rate", &self.inner.rate)
+            .field("concurrency", &self.inner.concurrency)
             .finish()
     }
 }
 
 impl PartialEq for Plan {
     fn eq(&self, other: &Self) -> bool {
-        self.inner.name == other.inner.name && self.inner.rate == other.inner.rate
+        self.inner.name == other.inner.name
+            && self.inner.rate == other.inner.rate
+            && self.inner.concurrency == other.inner.concurrency
     }
 }
 
@@ -172,6 +207,9 @@ pub struct Policy {
     default: Plan,
     tiers: HashMap<Arc<str>, Plan>,
     tenants: HashTable<Entry>,
+    /// Whether any plan caps concurrency (else the concurrency layer need
+    /// not know the tenant).
+    any_concurrency: bool,
 }
 
 impl Policy {
@@ -243,6 +281,12 @@ impl Policy {
         changed.sort_unstable();
         changed.dedup();
         Some(changed)
+    }
+
+    /// Whether any plan of this policy caps concurrency.
+    #[inline]
+    pub(crate) fn any_concurrency(&self) -> bool {
+        self.any_concurrency
     }
 
     /// The plan of tenants without an assignment.
@@ -379,10 +423,13 @@ impl PolicyBuilder {
                 |e| e.hash,
             );
         }
+        let any_concurrency = tiers.values().any(|p| p.concurrency_limit().is_some())
+            || tenants.iter().any(|e| e.plan.concurrency_limit().is_some());
         Ok(Policy {
             default: self.default,
             tiers,
             tenants,
+            any_concurrency,
         })
     }
 }

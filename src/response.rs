@@ -5,6 +5,8 @@
 //! | cause | status | problem `type` | headers |
 //! |---|---|---|---|
 //! | tenant over its rate | 429 | `https://iana.org/assignments/http-problem-types#quota-exceeded` | `Retry-After`, `RateLimit-Policy`, `RateLimit` |
+//! | tenant at its concurrency cap | 429 | `…#quota-exceeded` | `RateLimit-Policy` with `qu="concurrent-requests"`, `RateLimit` |
+//! | server overloaded (global cap, shedding) | 503 | `…#temporary-reduced-capacity` | `Retry-After` |
 //! | no tenant key | 401 (or 400) | `about:blank` | `WWW-Authenticate` (with [`key::bearer`](crate::key::bearer)) |
 //! | malformed or oversized key, bad cost | 400 | `about:blank` | |
 //!
@@ -16,10 +18,11 @@
 //! quota comes back.
 //!
 //! gRPC requests (`content-type: application/grpc…`) get a trailers-only gRPC
-//! response instead: HTTP 200 with `grpc-status` (RESOURCE_EXHAUSTED,
-//! UNAUTHENTICATED or INVALID_ARGUMENT), a percent-encoded `grpc-message`,
-//! and for rate limits `grpc-retry-pushback-ms` (negative: do not retry) and
-//! `retry-after`, which tonic clients see in [`Status::metadata`].
+//! response instead: HTTP 200 with `grpc-status` (RESOURCE_EXHAUSTED for
+//! quotas and caps, UNAVAILABLE when overloaded, UNAUTHENTICATED or
+//! INVALID_ARGUMENT for keys), a percent-encoded `grpc-message`, and for
+//! rate limits and overload `grpc-retry-pushback-ms` (negative: do not
+//! retry) and `retry-after`, which tonic clients see in [`Status::metadata`].
 //!
 //! [`Status::metadata`]: https://docs.rs/tonic/latest/tonic/struct.Status.html#method.metadata
 
@@ -49,14 +52,28 @@ const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 const PROBLEM_JSON: HeaderValue = HeaderValue::from_static("application/problem+json");
 const GRPC: HeaderValue = HeaderValue::from_static("application/grpc");
 const QUOTA_EXCEEDED: &str = "https://iana.org/assignments/http-problem-types#quota-exceeded";
+const REDUCED_CAPACITY: &str =
+    "https://iana.org/assignments/http-problem-types#temporary-reduced-capacity";
 
 pin_project! {
     /// The response body of the HTTP layers: the inner service's body, or the
     /// body of a rejection.
+    ///
+    /// The concurrency and shedding layers keep the request's permit in the
+    /// body: it is returned when the body has sent its last frame, fails, or
+    /// is dropped (the client went away), not when the handler returns.
     pub struct ResponseBody<B> {
         #[pin]
         kind: Kind<B>,
+        guard: Option<Guard>,
     }
+}
+
+/// What a response body holds on to until it is done; dropping it returns
+/// what it holds.
+#[expect(dead_code, reason = "held for what its drop returns")]
+pub(crate) enum Guard {
+    Permit(crate::concurrency::Permit),
 }
 
 pin_project! {
@@ -71,6 +88,14 @@ impl<B> ResponseBody<B> {
     pub(crate) fn inner(body: B) -> Self {
         Self {
             kind: Kind::Inner { body },
+            guard: None,
+        }
+    }
+
+    pub(crate) fn guarded(body: B, guard: Guard) -> Self {
+        Self {
+            kind: Kind::Inner { body },
+            guard: Some(guard),
         }
     }
 
@@ -79,6 +104,7 @@ impl<B> ResponseBody<B> {
             kind: Kind::Full {
                 data: (!data.is_empty()).then_some(data),
             },
+            guard: None,
         }
     }
 }
@@ -106,8 +132,16 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        match self.project().kind.project() {
-            KindProj::Inner { body } => body.poll_frame(cx),
+        let this = self.project();
+        match this.kind.project() {
+            KindProj::Inner { body } => {
+                let frame = body.poll_frame(cx);
+                if matches!(frame, Poll::Ready(None | Some(Err(_)))) {
+                    // Done (or failed): give the permit back now.
+                    this.guard.take();
+                }
+                frame
+            }
             KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         }
     }
@@ -166,6 +200,25 @@ fn http_response(rejection: &Rejection) -> Response<Bytes> {
                 body.push_str(&format!(",\"retry_after\":{}", ceil_secs(wait)));
             }
         }
+        Rejection::ConcurrencyCapped(capped) => {
+            json_member(&mut body, "type", QUOTA_EXCEEDED);
+            json_member(&mut body, "title", "Quota Exceeded");
+            body.push_str(&format!(",\"status\":{}", status.as_u16()));
+            json_member(&mut body, "detail", &capped.to_string());
+            body.push_str(",\"violated-policies\":[");
+            json_string(&mut body, capped.plan().name());
+            body.push(']');
+        }
+        Rejection::Overloaded(overloaded) => {
+            json_member(&mut body, "type", REDUCED_CAPACITY);
+            json_member(&mut body, "title", "Temporary Reduced Capacity");
+            body.push_str(&format!(",\"status\":{}", status.as_u16()));
+            json_member(&mut body, "detail", &overloaded.to_string());
+            body.push_str(&format!(
+                ",\"retry_after\":{}",
+                ceil_secs(overloaded.retry_after())
+            ));
+        }
         other => {
             json_member(&mut body, "type", "about:blank");
             json_member(
@@ -185,6 +238,10 @@ fn http_response(rejection: &Rejection) -> Response<Bytes> {
     headers.insert(CONTENT_TYPE, PROBLEM_JSON);
     match rejection {
         Rejection::RateLimited(limited) => rate_limited_headers(headers, limited),
+        Rejection::ConcurrencyCapped(capped) => capped_headers(headers, capped),
+        Rejection::Overloaded(overloaded) => {
+            headers.insert(RETRY_AFTER, HeaderValue::from(ceil_secs(overloaded.retry_after())));
+        }
         Rejection::MissingKey {
             challenge: Some(challenge),
             ..
@@ -215,18 +272,43 @@ fn grpc_response(rejection: &Rejection) -> Response<Bytes> {
 
 /// The custom metadata of a gRPC rejection.
 pub(crate) fn grpc_metadata(rejection: &Rejection) -> Vec<(HeaderName, HeaderValue)> {
+    let mut headers = HeaderMap::new();
+    let pushback = match rejection {
+        Rejection::RateLimited(limited) => {
+            rate_limited_headers(&mut headers, limited);
+            Some(limited.denied().retry_after())
+        }
+        Rejection::ConcurrencyCapped(capped) => {
+            capped_headers(&mut headers, capped);
+            None
+        }
+        Rejection::Overloaded(overloaded) => {
+            let wait = overloaded.retry_after();
+            headers.insert(RETRY_AFTER, HeaderValue::from(ceil_secs(wait)));
+            Some(Some(wait))
+        }
+        _ => None,
+    };
     let mut out = Vec::new();
-    if let Rejection::RateLimited(limited) = rejection {
-        let pushback = match limited.denied().retry_after() {
+    if let Some(wait) = pushback {
+        let ms = match wait {
             Some(wait) => i32::try_from(wait.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX),
             None => -1,
         };
-        out.push((GRPC_RETRY_PUSHBACK_MS, HeaderValue::from(pushback)));
-        let mut headers = HeaderMap::new();
-        rate_limited_headers(&mut headers, limited);
-        out.extend(headers.into_iter().filter_map(|(n, v)| Some((n?, v))));
+        out.push((GRPC_RETRY_PUSHBACK_MS, HeaderValue::from(ms)));
     }
+    out.extend(headers.into_iter().filter_map(|(n, v)| Some((n?, v))));
     out
+}
+
+fn capped_headers(headers: &mut HeaderMap, capped: &crate::error::ConcurrencyCapped) {
+    if let Some(policy) = capped.plan().concurrency_policy_header() {
+        headers.insert(RATELIMIT_POLICY, policy.clone());
+    }
+    let value = format!("{};r=0", capped.plan().sf_name());
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(RATELIMIT, value);
+    }
 }
 
 fn rate_limited_headers(headers: &mut HeaderMap, limited: &RateLimited) {

@@ -157,7 +157,9 @@ pub(crate) trait Retention {
     fn eviction_order(&self, value: u64) -> Option<u64>;
 }
 
-struct ShardState {
+struct ShardState<S> {
+    /// What the table's user keeps per shard, under the shard's mutex.
+    payload: S,
     /// The shard's current table (the one in the latest snapshot).
     table: Arc<Table>,
     /// Slots in use in it.
@@ -167,16 +169,17 @@ struct ShardState {
 }
 
 #[repr(align(128))]
-struct Shard {
-    state: Mutex<ShardState>,
+struct Shard<S> {
+    state: Mutex<ShardState<S>>,
 }
 
-/// The table. `E` travels in every snapshot.
-pub(crate) struct ShardedTable<E> {
+/// The table. `E` travels in every snapshot; each shard keeps an `S`
+/// under its mutex.
+pub(crate) struct ShardedTable<E, S = ()> {
     snapshot: ArcSwap<Snapshot<E>>,
     /// Serialises the publication of new snapshots.
     publish: Mutex<()>,
-    shards: Box<[Shard]>,
+    shards: Box<[Shard<S>]>,
     shard_cap: usize,
     max_slots: usize,
 }
@@ -188,7 +191,7 @@ pub(crate) struct Evictions {
     pub(crate) active: u64,
 }
 
-impl<E: Clone> ShardedTable<E> {
+impl<E: Clone, S: Default> ShardedTable<E, S> {
     pub(crate) fn new(max_tenants: usize, extra: E) -> Self {
         let max_tenants = max_tenants.max(1);
         let cpus = std::thread::available_parallelism().map_or(4, usize::from);
@@ -214,6 +217,7 @@ impl<E: Clone> ShardedTable<E> {
             shards: (0..shards)
                 .map(|_| Shard {
                     state: Mutex::new(ShardState {
+                        payload: S::default(),
                         table: Arc::clone(&empty),
                         live: 0,
                         evicted_idle: 0,
@@ -250,7 +254,7 @@ impl<E: Clone> ShardedTable<E> {
     /// Locks the shard of `fp`, for the slow path. While it is held, the
     /// shard's current table is not rebuilt by anyone else, so its slots
     /// are not frozen.
-    pub(crate) fn lock(&self, fp: u64) -> Locked<'_, E> {
+    pub(crate) fn lock(&self, fp: u64) -> Locked<'_, E, S> {
         let shard = shard_of(fp, self.shards.len() - 1);
         Locked {
             table: self,
@@ -289,6 +293,13 @@ impl<E: Clone> ShardedTable<E> {
         self.shards.iter().map(|s| s.state.lock().live).sum()
     }
 
+    /// Folds `f` over every shard's payload, one shard locked at a time.
+    pub(crate) fn fold_payload<A>(&self, init: A, mut f: impl FnMut(A, &S) -> A) -> A {
+        self.shards
+            .iter()
+            .fold(init, |acc, shard| f(acc, &shard.state.lock().payload))
+    }
+
     pub(crate) fn evictions(&self) -> Evictions {
         self.shards.iter().fold(Evictions::default(), |acc, s| {
             let state = s.state.lock();
@@ -309,7 +320,7 @@ impl<E: Clone> ShardedTable<E> {
     fn rebuild(
         &self,
         shard: usize,
-        state: &mut ShardState,
+        state: &mut ShardState<S>,
         retention: &impl Retention,
         room: usize,
     ) {
@@ -401,16 +412,22 @@ impl<E: Clone> ShardedTable<E> {
 }
 
 /// A shard of the table, locked.
-pub(crate) struct Locked<'a, E> {
-    table: &'a ShardedTable<E>,
+pub(crate) struct Locked<'a, E, S> {
+    table: &'a ShardedTable<E, S>,
     shard: usize,
-    state: MutexGuard<'a, ShardState>,
+    state: MutexGuard<'a, ShardState<S>>,
 }
 
-impl<E: Clone> Locked<'_, E> {
+impl<E: Clone, S: Default> Locked<'_, E, S> {
     /// The slot of `fp` in the shard's current table (never frozen).
     pub(crate) fn find(&self, fp: u64) -> Option<&Slot> {
         self.state.table.find(fp)
+    }
+
+    /// The slot of `fp`, and the shard's payload.
+    pub(crate) fn parts(&mut self, fp: u64) -> (Option<&Slot>, &mut S) {
+        let state = &mut *self.state;
+        (state.table.find(fp), &mut state.payload)
     }
 
     /// Inserts `fp` with `value`, making room as [`ShardedTable`] describes.
@@ -451,7 +468,7 @@ mod tests {
     #[test]
     fn shard_layout_respects_the_cap() {
         for max in [1, 7, 100, 1_000, 50_000, 1_000_000, 100_000_000] {
-            let table = ShardedTable::new(max, ());
+            let table: ShardedTable<()> = ShardedTable::new(max, ());
             assert!(table.max_tenants() >= max, "{max}");
             assert!(table.max_tenants() < max + table.shards.len(), "{max}");
             assert!(table.shards.len().is_power_of_two());
@@ -461,7 +478,7 @@ mod tests {
 
     #[test]
     fn pinned_values_are_never_dropped_and_a_full_shard_refuses() {
-        let table = ShardedTable::new(64, ());
+        let table: ShardedTable<()> = ShardedTable::new(64, ());
         let mut inserted = 0;
         for fp in 1..=1_000u64 {
             let fp = fingerprint(fp << SHARD_SHIFT | fp);

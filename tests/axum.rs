@@ -3,20 +3,16 @@
 
 #![allow(clippy::expect_used)]
 
-use std::net::SocketAddr;
+mod common;
+
 use std::num::NonZeroU32;
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::Extension;
 use axum::routing::{get, post};
-use bytes::Bytes;
-use http::{HeaderMap, HeaderName, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
-use serde_json::Value;
+use common::{Http, serve};
+use http::{HeaderName, StatusCode};
 use tower_floodgate::{
     Clock, ManualClock, MissingKey, Plan, Policy, Quota, RateLimitLayer, RateLimiter, TenantKey,
     cost, key,
@@ -26,76 +22,6 @@ const TENANT: HeaderName = HeaderName::from_static("x-tenant");
 
 fn nz(n: u32) -> NonZeroU32 {
     NonZeroU32::new(n).expect("non-zero")
-}
-
-async fn serve(app: Router) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await
-        .expect("serve");
-    });
-    addr
-}
-
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).expect("a JSON body")
-    }
-}
-
-#[derive(Clone)]
-struct Http {
-    client: Client<HttpConnector, Full<Bytes>>,
-    addr: SocketAddr,
-}
-
-impl Http {
-    fn new(addr: SocketAddr) -> Self {
-        Self {
-            client: Client::builder(TokioExecutor::new()).build_http(),
-            addr,
-        }
-    }
-
-    async fn send(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Reply {
-        let mut req = Request::builder()
-            .method(method)
-            .uri(format!("http://{}{path}", self.addr));
-        for (name, value) in headers {
-            req = req.header(*name, *value);
-        }
-        let req = req
-            .body(Full::new(Bytes::from(body.to_owned())))
-            .expect("request");
-        let res = self.client.request(req).await.expect("response");
-        let (parts, body) = res.into_parts();
-        Reply {
-            status: parts.status,
-            headers: parts.headers,
-            body: body.collect().await.expect("body").to_bytes(),
-        }
-    }
-
-    async fn get_as(&self, tenant: &str) -> Reply {
-        self.send("GET", "/", &[("x-tenant", tenant)], "").await
-    }
 }
 
 fn limiter(policy: impl Into<tower_floodgate::PolicyHandle>) -> (RateLimiter, ManualClock) {

@@ -1,40 +1,22 @@
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use http::{HeaderValue, StatusCode};
+use http::HeaderValue;
 use tower_layer::Layer;
 
 use super::service::{GenericRateLimit, RateLimit};
 use crate::cost::{RequestCost, UnitCost};
 use crate::error::{RateLimited, Rejection};
 use crate::hash::tenant_hash;
-use crate::key::{Extension, KeyError, KeyExtractor, TenantKey};
+use crate::common::{KeyRules, MissingKey, Refusals};
+use crate::key::{Extension, KeyExtractor, TenantKey};
 use crate::limiter::{RateLimiter, RateLimiterStats};
 use crate::response::ratelimit_value;
 
-/// The default bound on tenant key length, in bytes.
-pub const DEFAULT_MAX_KEY_LEN: usize = 256;
-
-/// What to do with a request that carries no tenant key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum MissingKey {
-    /// Refuse it with 401 Unauthorized (gRPC UNAUTHENTICATED). The default.
-    #[default]
-    Unauthorized,
-    /// Refuse it with 400 Bad Request (gRPC INVALID_ARGUMENT).
-    BadRequest,
-    /// Count it against one shared bucket, the tenant
-    /// [`TenantKey::anonymous()`], which gets the default plan unless the
-    /// policy assigns that key a plan of its own.
-    Anonymous,
-}
-
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Config {
-    missing: MissingKey,
-    max_key_len: usize,
+    keys: KeyRules,
     success_headers: bool,
 }
 
@@ -77,8 +59,7 @@ impl RateLimitLayer {
             key: Extension::default(),
             cost: UnitCost,
             config: Config {
-                missing: MissingKey::default(),
-                max_key_len: DEFAULT_MAX_KEY_LEN,
+                keys: KeyRules::default(),
                 success_headers: false,
             },
             state: Arc::new(LayerState::default()),
@@ -114,15 +95,15 @@ impl<K, C> RateLimitLayer<K, C> {
     /// What to do with requests that carry no key (default: 401).
     #[must_use]
     pub fn on_missing_key(mut self, missing: MissingKey) -> Self {
-        self.config.missing = missing;
+        self.config.keys.missing = missing;
         self
     }
 
     /// Refuse keys longer than `max` bytes with 400, before anything is
-    /// stored or hashed (default [`DEFAULT_MAX_KEY_LEN`]).
+    /// stored or hashed (default [`DEFAULT_MAX_KEY_LEN`](crate::DEFAULT_MAX_KEY_LEN)).
     #[must_use]
     pub fn max_key_len(mut self, max: usize) -> Self {
-        self.config.max_key_len = max;
+        self.config.keys.max_len = max;
         self
     }
 
@@ -146,13 +127,13 @@ impl<K, C> RateLimitLayer<K, C> {
     /// Switches shadow mode on or off for every service made by this layer
     /// and its clones, from the next request on.
     pub fn set_shadow(&self, enabled: bool) {
-        self.state.shadow.store(enabled, Ordering::Relaxed);
+        self.state.refusals.set_shadow(enabled);
     }
 
     /// Whether shadow mode is on.
     #[must_use]
     pub fn is_shadow(&self) -> bool {
-        self.state.shadow.load(Ordering::Relaxed)
+        self.state.refusals.is_shadow()
     }
 
     /// The limiter this layer charges.
@@ -297,12 +278,10 @@ pub struct RateLimitStats {
 
 #[derive(Default)]
 pub(super) struct LayerState {
-    shadow: AtomicBool,
+    refusals: Refusals,
     rate_limited: AtomicU64,
     key_rejected: AtomicU64,
     cost_rejected: AtomicU64,
-    shadow_rejected: AtomicU64,
-    log: LogGate,
 }
 
 impl LayerState {
@@ -311,40 +290,8 @@ impl LayerState {
             rate_limited: self.rate_limited.load(Ordering::Relaxed),
             key_rejected: self.key_rejected.load(Ordering::Relaxed),
             cost_rejected: self.cost_rejected.load(Ordering::Relaxed),
-            shadow_rejected: self.shadow_rejected.load(Ordering::Relaxed),
+            shadow_rejected: self.refusals.shadowed.load(Ordering::Relaxed),
             limiter,
-        }
-    }
-}
-
-/// Lets one log event through per second; counts the others.
-#[derive(Default)]
-struct LogGate {
-    next: AtomicU64,
-    suppressed: AtomicU64,
-}
-
-impl LogGate {
-    const INTERVAL: u64 = 1_000_000_000;
-
-    /// `Some(events suppressed since the last one)` if this one may log.
-    fn pass(&self, now: u64) -> Option<u64> {
-        let next = self.next.load(Ordering::Relaxed);
-        if now >= next
-            && self
-                .next
-                .compare_exchange(
-                    next,
-                    now.saturating_add(Self::INTERVAL),
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-        {
-            Some(self.suppressed.swap(0, Ordering::Relaxed))
-        } else {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            None
         }
     }
 }
@@ -386,31 +333,7 @@ impl<K, C> Shared<K, C> {
         K: KeyExtractor<Req>,
         C: RequestCost<Req>,
     {
-        let tenant = match self.key.extract(req) {
-            Ok(tenant) => tenant,
-            Err(KeyError::Missing) => match self.config.missing {
-                MissingKey::Anonymous => TenantKey::anonymous(),
-                MissingKey::Unauthorized => {
-                    return Err(Rejection::MissingKey {
-                        status: StatusCode::UNAUTHORIZED,
-                        challenge: self.key.challenge(),
-                    });
-                }
-                MissingKey::BadRequest => {
-                    return Err(Rejection::MissingKey {
-                        status: StatusCode::BAD_REQUEST,
-                        challenge: None,
-                    });
-                }
-            },
-            Err(KeyError::Invalid(reason)) => return Err(Rejection::InvalidKey { reason }),
-        };
-        if tenant.len() > self.config.max_key_len {
-            return Err(Rejection::KeyTooLong {
-                len: tenant.len(),
-                max: self.config.max_key_len,
-            });
-        }
+        let tenant = self.config.keys.tenant(&self.key, req)?;
         let cost = self
             .cost
             .cost(req)
@@ -448,57 +371,12 @@ impl<K, C> Shared<K, C> {
             Rejection::InvalidCost { .. } => &state.cost_rejected,
             _ => &state.key_rejected,
         };
-        let shadow = state.shadow.load(Ordering::Relaxed);
-        let suppressed = state.log.pass(self.limiter.clock().now_nanos());
-        if shadow {
-            state.shadow_rejected.fetch_add(1, Ordering::Relaxed);
-            if let Some(suppressed) = suppressed {
-                log_rejection(&rejection, true, suppressed);
-            }
-            return Ok(None);
+        let now = self.limiter.clock().now_nanos();
+        if state.refusals.record("rate_limit", &rejection, counter, now) {
+            Ok(None)
+        } else {
+            Err(rejection)
         }
-        counter.fetch_add(1, Ordering::Relaxed);
-        if let Some(suppressed) = suppressed {
-            log_rejection(&rejection, false, suppressed);
-        }
-        Err(rejection)
     }
 }
 
-fn log_rejection(rejection: &Rejection, shadow: bool, suppressed: u64) {
-    let tenant = rejection.as_rate_limited().map(|r| r.tenant().to_string());
-    let tenant = tenant.as_deref().unwrap_or("-");
-    if shadow {
-        tracing::warn!(
-            target: "tower_floodgate::rate_limit",
-            tenant,
-            status = rejection.status().as_u16(),
-            suppressed,
-            "shadow mode: would have refused the request: {rejection}"
-        );
-    } else {
-        tracing::debug!(
-            target: "tower_floodgate::rate_limit",
-            tenant,
-            status = rejection.status().as_u16(),
-            suppressed,
-            "refused the request: {rejection}"
-        );
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn log_gate_lets_one_event_a_second_through() {
-        let gate = LogGate::default();
-        assert_eq!(gate.pass(0), Some(0));
-        for t in 1..1000 {
-            assert_eq!(gate.pass(t * 1_000), None);
-        }
-        assert_eq!(gate.pass(1_000_000_000), Some(999));
-        assert_eq!(gate.pass(1_000_000_001), None);
-    }
-}

@@ -44,7 +44,5 @@ mod layer;
 mod service;
 
 pub use self::future::{GenericResponseFuture, ResponseFuture};
-pub use self::layer::{
-    DEFAULT_MAX_KEY_LEN, GenericRateLimitLayer, MissingKey, RateLimitLayer, RateLimitStats,
-};
+pub use self::layer::{GenericRateLimitLayer, RateLimitLayer, RateLimitStats};
 pub use self::service::{GenericRateLimit, RateLimit};

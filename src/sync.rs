@@ -1,0 +1,40 @@
+//! Synchronisation primitives, swapped for loom's under `--cfg floodgate_loom` so
+//! that the permit accounting can be model-checked.
+
+#[cfg(floodgate_loom)]
+pub(crate) use loom::sync::Arc;
+#[cfg(floodgate_loom)]
+pub(crate) use loom::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+#[cfg(not(floodgate_loom))]
+pub(crate) use std::sync::Arc;
+#[cfg(not(floodgate_loom))]
+pub(crate) use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+
+/// A mutex without poisoning: `lock` returns the guard.
+#[derive(Debug, Default)]
+pub(crate) struct Mutex<T>(
+    #[cfg(not(floodgate_loom))] parking_lot::Mutex<T>,
+    #[cfg(floodgate_loom)] loom::sync::Mutex<T>,
+);
+
+impl<T> Mutex<T> {
+    pub(crate) fn new(value: T) -> Self {
+        #[cfg(not(floodgate_loom))]
+        return Self(parking_lot::Mutex::new(value));
+        #[cfg(floodgate_loom)]
+        return Self(loom::sync::Mutex::new(value));
+    }
+
+    #[cfg(not(floodgate_loom))]
+    pub(crate) fn lock(&self) -> parking_lot::MutexGuard<'_, T> {
+        self.0.lock()
+    }
+
+    #[cfg(floodgate_loom)]
+    pub(crate) fn lock(&self) -> loom::sync::MutexGuard<'_, T> {
+        match self.0.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! Helpers shared by the integration tests: a real axum server on
+//! 127.0.0.1:0 and a real HTTP client.
+
+#![allow(dead_code, clippy::expect_used)]
+
+use std::net::SocketAddr;
+
+use axum::Router;
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+/// Serves `app` on 127.0.0.1:0 (with connection info) and returns its
+/// address.
+pub(crate) async fn serve(app: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+        .expect("serve");
+    });
+    addr
+}
+
+/// A response, read to the end.
+pub(crate) struct Reply {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
+}
+
+impl Reply {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub(crate) fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).expect("a JSON body")
+    }
+}
+
+/// An HTTP/1 client for one server.
+#[derive(Clone)]
+pub(crate) struct Http {
+    pub(crate) client: Client<HttpConnector, Full<Bytes>>,
+    pub(crate) addr: SocketAddr,
+}
+
+impl Http {
+    pub(crate) fn new(addr: SocketAddr) -> Self {
+        Self {
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            addr,
+        }
+    }
+
+    pub(crate) fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Request<Full<Bytes>> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.addr));
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        req.body(Full::new(Bytes::from(body.to_owned())))
+            .expect("request")
+    }
+
+    pub(crate) async fn send(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Reply {
+        let res = self
+            .client
+            .request(self.request(method, path, headers, body))
+            .await
+            .expect("response");
+        let (parts, body) = res.into_parts();
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await.expect("body").to_bytes(),
+        }
+    }
+
+    pub(crate) async fn get_as(&self, tenant: &str) -> Reply {
+        self.send("GET", "/", &[("x-tenant", tenant)], "").await
+    }
+}
