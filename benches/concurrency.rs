@@ -1,8 +1,13 @@
-//! tower-floodgate's concurrency cap against tower's `ConcurrencyLimit`, on
-//! the same service in the same run: the cost of one call uncontended, and
-//! with two threads calling at once. `floodgate` is the like-for-like
-//! configuration (a global limit); `floodgate_per_tenant` adds a cap per
-//! tenant, which costs finding the tenant and a second count.
+//! tower-floodgate's concurrency cap and load shedder against tower's
+//! `ConcurrencyLimit` and `LoadShed`, on the same service in the same run:
+//! the cost of one call uncontended, and with two threads calling at once.
+//!
+//! For the cap, `floodgate` is the like-for-like configuration (a global
+//! limit); `floodgate_per_tenant` adds a cap per tenant, which costs finding
+//! the tenant and a second count. For shedding, `floodgate` is a fixed limit
+//! with priorities; `floodgate_fair` adds fairness between tenants (the
+//! default), which counts each tenant's requests in flight. tower's
+//! `LoadShed` has neither: it only passes on an inner service's readiness.
 //!
 //! Run with `cargo bench --bench concurrency`. After criterion's report, a
 //! table prints each workload's times, the ratio floodgate / other and the
@@ -22,6 +27,7 @@ use http::{Request, Response};
 use http_body_util::Empty;
 use support::now;
 use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
+use tower_floodgate::shed::{Limit, LoadShedLayer};
 use tower_floodgate::{ConcurrencyCapLayer, Plan, TenantKey};
 
 const LIMIT: u32 = 1024;
@@ -52,8 +58,10 @@ where
     }
 }
 
-/// The services compared, each around the same `service_fn`.
-fn services() -> Vec<(&'static str, Box<dyn FnMut(Req) + Send>)> {
+type Caller = Box<dyn FnMut(Req) + Send>;
+
+/// The concurrency caps compared, each around the same `service_fn`.
+fn caps() -> Vec<(&'static str, Caller)> {
     let mut bare = service_fn(hello);
     let mut tower_limit = ServiceBuilder::new()
         .concurrency_limit(LIMIT as usize)
@@ -66,7 +74,10 @@ fn services() -> Vec<(&'static str, Box<dyn FnMut(Req) + Send>)> {
         .service(service_fn(hello));
     vec![
         ("bare", Box::new(move |req| call_once(&mut bare, req))),
-        ("tower", Box::new(move |req| call_once(&mut tower_limit, req))),
+        (
+            "tower",
+            Box::new(move |req| call_once(&mut tower_limit, req)),
+        ),
         ("floodgate", Box::new(move |req| call_once(&mut ours, req))),
         (
             "floodgate_per_tenant",
@@ -75,11 +86,35 @@ fn services() -> Vec<(&'static str, Box<dyn FnMut(Req) + Send>)> {
     ]
 }
 
-fn uncontended(c: &mut Criterion) {
+/// The load shedders compared, each around the same `service_fn`.
+fn shedders() -> Vec<(&'static str, Caller)> {
+    let mut bare = service_fn(hello);
+    let mut tower_shed = ServiceBuilder::new().load_shed().service(service_fn(hello));
+    let mut ours = ServiceBuilder::new()
+        .layer(LoadShedLayer::new(Limit::fixed(LIMIT)).fairness(false))
+        .service(service_fn(hello));
+    let mut fair = ServiceBuilder::new()
+        .layer(LoadShedLayer::new(Limit::fixed(LIMIT)))
+        .service(service_fn(hello));
+    vec![
+        ("bare", Box::new(move |req| call_once(&mut bare, req))),
+        (
+            "tower",
+            Box::new(move |req| call_once(&mut tower_shed, req)),
+        ),
+        ("floodgate", Box::new(move |req| call_once(&mut ours, req))),
+        (
+            "floodgate_fair",
+            Box::new(move |req| call_once(&mut fair, req)),
+        ),
+    ]
+}
+
+fn uncontended(c: &mut Criterion, name: &str, services: Vec<(&'static str, Caller)>) {
     let tenant = TenantKey::from("tenant-hot");
-    let mut group = c.benchmark_group("concurrency_uncontended");
+    let mut group = c.benchmark_group(name);
     group.throughput(Throughput::Elements(1));
-    for (name, mut call) in services() {
+    for (name, mut call) in services {
         group.bench_function(name, |b| {
             b.iter_batched(|| request(&tenant), &mut call, BatchSize::SmallInput)
         });
@@ -92,7 +127,8 @@ fn uncontended(c: &mut Criterion) {
 fn two_threads(c: &mut Criterion) {
     let mut group = c.benchmark_group("concurrency_two_threads");
     group.throughput(Throughput::Elements(1));
-
+    let bare = service_fn(hello);
+    group.bench_function("bare", |b| b.iter_custom(|iters| contended(iters, || bare)));
     let tower_limit = ServiceBuilder::new()
         .concurrency_limit(LIMIT as usize)
         .service(service_fn(hello));
@@ -111,8 +147,27 @@ fn two_threads(c: &mut Criterion) {
     group.bench_function("floodgate_per_tenant", |b| {
         b.iter_custom(|iters| contended(iters, || per_tenant.clone()))
     });
-    let bare = service_fn(hello);
+    group.finish();
+
+    let mut group = c.benchmark_group("shed_two_threads");
+    group.throughput(Throughput::Elements(1));
     group.bench_function("bare", |b| b.iter_custom(|iters| contended(iters, || bare)));
+    let tower_shed = ServiceBuilder::new().load_shed().service(service_fn(hello));
+    group.bench_function("tower", |b| {
+        b.iter_custom(|iters| contended(iters, || tower_shed.clone()))
+    });
+    let ours = ServiceBuilder::new()
+        .layer(LoadShedLayer::new(Limit::fixed(LIMIT)).fairness(false))
+        .service(service_fn(hello));
+    group.bench_function("floodgate", |b| {
+        b.iter_custom(|iters| contended(iters, || ours.clone()))
+    });
+    let fair = ServiceBuilder::new()
+        .layer(LoadShedLayer::new(Limit::fixed(LIMIT)))
+        .service(service_fn(hello));
+    group.bench_function("floodgate_fair", |b| {
+        b.iter_custom(|iters| contended(iters, || fair.clone()))
+    });
     group.finish();
 }
 
@@ -154,16 +209,27 @@ fn main() {
         .measurement_time(Duration::from_secs(2))
         .sample_size(30)
         .configure_from_args();
-    uncontended(&mut c);
+    uncontended(&mut c, "concurrency_uncontended", caps());
+    uncontended(&mut c, "shed_uncontended", shedders());
     two_threads(&mut c);
     c.final_summary();
     support::print_comparison(
-        &["concurrency_uncontended", "concurrency_two_threads"],
+        &[
+            "concurrency_uncontended",
+            "concurrency_two_threads",
+            "shed_uncontended",
+            "shed_two_threads",
+        ],
         &["tower", "bare"],
     );
     support::print_named(
         "floodgate_per_tenant",
         &["concurrency_uncontended", "concurrency_two_threads"],
+        &["tower", "bare"],
+    );
+    support::print_named(
+        "floodgate_fair",
+        &["shed_uncontended", "shed_two_threads"],
         &["tower", "bare"],
     );
 }

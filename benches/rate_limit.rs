@@ -285,14 +285,17 @@ fn main() {
     layers(&mut c);
 
     c.final_summary();
-    support::print_comparison(&[
-        "hot_tenant_allow",
-        "hot_tenant_deny",
-        "tenants_10k_round_robin",
-        "tenants_1m_round_robin",
-        "first_seen_tenant",
-        "two_threads_one_tenant",
-        "two_threads_own_tenants",
-        "layer_one_tenant",
-    ], &["governor", "tower_governor", "bare"]);
+    support::print_comparison(
+        &[
+            "hot_tenant_allow",
+            "hot_tenant_deny",
+            "tenants_10k_round_robin",
+            "tenants_1m_round_robin",
+            "first_seen_tenant",
+            "two_threads_one_tenant",
+            "two_threads_own_tenants",
+            "layer_one_tenant",
+        ],
+        &["governor", "tower_governor", "bare"],
+    );
 }

@@ -281,6 +281,33 @@ pub enum OverloadCause {
         /// Whether the request waited in the queue first.
         queued: bool,
     },
+    /// The load shedder refused the request.
+    #[error("{reason} ({in_flight} in flight, limit {limit}, {priority} priority)")]
+    Shed {
+        /// The request's priority.
+        priority: crate::shed::Priority,
+        /// Why it was chosen.
+        reason: ShedReason,
+        /// Requests in flight when it was refused.
+        in_flight: u32,
+        /// The limit in force.
+        limit: u32,
+    },
+}
+
+/// Why the load shedder refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ShedReason {
+    /// The capacity for its priority is in use.
+    #[error("no capacity left for its priority")]
+    Capacity,
+    /// Under pressure, its tenant already had its fair share in flight.
+    #[error("its tenant already has its fair share in flight")]
+    FairShare,
+    /// It waited in the queue as long as CoDel allows.
+    #[error("it waited in the queue as long as allowed")]
+    QueueTimeout,
 }
 
 #[cfg(feature = "tonic")]

@@ -160,7 +160,7 @@ pub(crate) fn release_locked(
 ) -> (u32, Option<Arc<Waiter>>) {
     let mut granted = None;
     while let Some(waiter) = queue.pop_front() {
-        if waiter.grant() {
+        if waiter.try_grant() {
             granted = Some(waiter);
             break;
         }
@@ -186,7 +186,7 @@ pub(crate) fn cancel_locked(
     queue: &mut VecDeque<Arc<Waiter>>,
     waiter: &Arc<Waiter>,
 ) -> bool {
-    if !waiter.cancel() {
+    if !waiter.try_cancel() {
         return true;
     }
     if let Some(at) = queue.iter().position(|w| Arc::ptr_eq(w, waiter)) {
@@ -210,20 +210,22 @@ pub(crate) struct Waiter {
 }
 
 impl Waiter {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             state: AtomicU8::new(WAITING),
             waker: Mutex::new(None),
         }
     }
 
-    fn grant(&self) -> bool {
+    /// Hands this waiter a unit; `false` if it gave up first.
+    pub(crate) fn try_grant(&self) -> bool {
         self.state
             .compare_exchange(WAITING, GRANTED, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
     }
 
-    fn cancel(&self) -> bool {
+    /// Gives up waiting; `false` if a unit was handed over first.
+    pub(crate) fn try_cancel(&self) -> bool {
         self.state
             .compare_exchange(WAITING, CANCELLED, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
@@ -276,14 +278,20 @@ mod tests {
     fn queue_is_fifo_and_hands_units_over() {
         let word = AtomicU64::new(0);
         let mut queue = VecDeque::new();
-        assert!(matches!(acquire_locked(&word, 1, false, &mut queue, 2), Locked::Acquired(0)));
+        assert!(matches!(
+            acquire_locked(&word, 1, false, &mut queue, 2),
+            Locked::Acquired(0)
+        ));
         let Locked::Queued(first) = acquire_locked(&word, 1, false, &mut queue, 2) else {
             panic!("should queue")
         };
         let Locked::Queued(second) = acquire_locked(&word, 1, false, &mut queue, 2) else {
             panic!("should queue")
         };
-        assert!(matches!(acquire_locked(&word, 1, false, &mut queue, 2), Locked::Full));
+        assert!(matches!(
+            acquire_locked(&word, 1, false, &mut queue, 2),
+            Locked::Full
+        ));
         // Queued: the fast paths step aside.
         assert_eq!(try_acquire(&word, 1, false), Fast::Slow);
         assert_eq!(try_release(&word), Fast::Slow);

@@ -10,6 +10,17 @@
 //!   overrides that change at run time ([`PolicyHandle`]), weighted costs,
 //!   and a hard cap on tracked tenants so that key rotation cannot exhaust
 //!   memory.
+//! * **Concurrency caps** ([`ConcurrencyCapLayer`]): requests in flight per
+//!   tenant and in total, held until the response body is sent, with an
+//!   optional FIFO queue.
+//! * **Load shedding** ([`LoadShedLayer`]): protects the process, with a
+//!   fixed or adaptive limit, CoDel, priorities and fairness between
+//!   tenants.
+//!
+//! The layers go in that order, outermost first: who (the key), how often
+//! (rate limit), how many at once (concurrency cap), is the server ok
+//! (load shed), then your service. Each is usable alone, and all share one
+//! [`PolicyHandle`].
 //!
 //! # Quick start (axum)
 //!
@@ -77,6 +88,7 @@ not_loom! {
     pub mod error;
     mod gcra;
     mod hash;
+    mod held;
     mod inflight;
     pub mod key;
     mod limiter;
@@ -85,10 +97,13 @@ not_loom! {
     mod quota;
     pub mod rate_limit;
     pub mod response;
+    pub mod shed;
     mod table;
 
     pub use clock::{Clock, ManualClock};
-    pub use error::{ConcurrencyCapped, OverloadCause, Overloaded, RateLimited, Rejection};
+    pub use error::{
+        ConcurrencyCapped, OverloadCause, Overloaded, RateLimited, Rejection, ShedReason,
+    };
     pub use key::{KeyExtractor, TenantKey};
     pub use limiter::{
         Allowed, DEFAULT_MAX_TENANTS, Denied, DenyReason, RateLimiter, RateLimiterBuilder,
@@ -99,6 +114,7 @@ not_loom! {
     pub use common::{DEFAULT_MAX_KEY_LEN, MissingKey};
     pub use concurrency::ConcurrencyCapLayer;
     pub use rate_limit::RateLimitLayer;
+    pub use shed::{LoadShedLayer, Priority};
 }
 
 /// The boxed error of the generic (non-HTTP) services.

@@ -42,6 +42,7 @@ use parking_lot::Mutex;
 use crate::hash::tenant_hash;
 use crate::key::TenantKey;
 use crate::quota::Quota;
+use crate::shed::Priority;
 
 /// The limits that apply to a tenant.
 ///
@@ -63,6 +64,7 @@ struct PlanInner {
     concurrency: Option<u32>,
     /// `"name";q=…;qu="concurrent-requests"`, rendered once.
     concurrency_policy: Option<HeaderValue>,
+    priority: Option<Priority>,
     /// The name as a Structured Fields string, quotes included.
     sf_name: Arc<str>,
 }
@@ -80,6 +82,7 @@ impl Plan {
                 rate_policy: None,
                 concurrency: None,
                 concurrency_policy: None,
+                priority: None,
                 sf_name,
             }),
         }
@@ -123,6 +126,21 @@ impl Plan {
         self.inner.concurrency_policy.as_ref()
     }
 
+    /// The same plan, whose tenants' requests have `priority` for the load
+    /// shedder (unless the request states its own).
+    #[must_use]
+    pub fn priority(mut self, priority: Priority) -> Self {
+        Arc::make_mut(&mut self.inner).priority = Some(priority);
+        self
+    }
+
+    /// The priority of the plan's requests, if set.
+    #[must_use]
+    #[inline]
+    pub fn request_priority(&self) -> Option<Priority> {
+        self.inner.priority
+    }
+
     /// The plan's name.
     #[must_use]
     pub fn name(&self) -> &str {
@@ -151,6 +169,7 @@ impl fmt::Debug for Plan {
             .field("name", &self.inner.name)
             .field("rate", &self.inner.rate)
             .field("concurrency", &self.inner.concurrency)
+            .field("priority", &self.inner.priority)
             .finish()
     }
 }
@@ -160,6 +179,7 @@ impl PartialEq for Plan {
         self.inner.name == other.inner.name
             && self.inner.rate == other.inner.rate
             && self.inner.concurrency == other.inner.concurrency
+            && self.inner.priority == other.inner.priority
     }
 }
 
@@ -210,6 +230,9 @@ pub struct Policy {
     /// Whether any plan caps concurrency (else the concurrency layer need
     /// not know the tenant).
     any_concurrency: bool,
+    /// Whether any plan sets a priority (else the shedder need not know the
+    /// tenant for it).
+    any_priority: bool,
 }
 
 impl Policy {
@@ -287,6 +310,12 @@ impl Policy {
     #[inline]
     pub(crate) fn any_concurrency(&self) -> bool {
         self.any_concurrency
+    }
+
+    /// Whether any plan of this policy sets a priority.
+    #[inline]
+    pub(crate) fn any_priority(&self) -> bool {
+        self.any_priority
     }
 
     /// The plan of tenants without an assignment.
@@ -423,13 +452,17 @@ impl PolicyBuilder {
                 |e| e.hash,
             );
         }
-        let any_concurrency = tiers.values().any(|p| p.concurrency_limit().is_some())
-            || tenants.iter().any(|e| e.plan.concurrency_limit().is_some());
+        let any_plan = |f: fn(&Plan) -> bool| {
+            tiers.values().any(f) || tenants.iter().any(|e: &Entry| f(&e.plan))
+        };
+        let any_concurrency = any_plan(|p| p.concurrency_limit().is_some());
+        let any_priority = any_plan(|p| p.request_priority().is_some());
         Ok(Policy {
             default: self.default,
             tiers,
             tenants,
             any_concurrency,
+            any_priority,
         })
     }
 }

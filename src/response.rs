@@ -69,11 +69,30 @@ pin_project! {
     }
 }
 
-/// What a response body holds on to until it is done; dropping it returns
-/// what it holds.
-#[expect(dead_code, reason = "held for what its drop returns")]
+/// What a request holds while in flight, kept by its response body until
+/// the body is done; dropping it returns what it holds.
 pub(crate) enum Guard {
+    /// The concurrency cap's permit.
     Permit(crate::concurrency::Permit),
+    /// The load shedder's.
+    Shed(crate::shed::Permit),
+}
+
+impl Guard {
+    /// Whether it holds nothing.
+    pub(crate) fn is_empty(&self) -> bool {
+        match self {
+            Self::Permit(permit) => permit.is_empty(),
+            Self::Shed(permit) => permit.is_empty(),
+        }
+    }
+
+    /// The response head is ready (the load shedder measures latency to it).
+    pub(crate) fn responded(&mut self) {
+        if let Self::Shed(permit) = self {
+            permit.responded();
+        }
+    }
 }
 
 pin_project! {

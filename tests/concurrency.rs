@@ -24,7 +24,9 @@ const TENANT: HeaderName = HeaderName::from_static("x-tenant");
 /// A server whose `/hold` handler reports each arrival (with its `x-id`)
 /// and then waits for the test to add a permit to the gate; `/` answers at
 /// once.
-async fn gated_server(caps: ConcurrencyCapLayer<key::Header>) -> (Http, Arc<Semaphore>, mpsc::UnboundedReceiver<String>) {
+async fn gated_server(
+    caps: ConcurrencyCapLayer<key::Header>,
+) -> (Http, Arc<Semaphore>, mpsc::UnboundedReceiver<String>) {
     let gate = Arc::new(Semaphore::new(0));
     let (arrived, arrivals) = mpsc::unbounded_channel();
     let hold_gate = Arc::clone(&gate);
@@ -85,7 +87,10 @@ async fn a_tenant_at_its_cap_gets_429_while_another_is_served() {
         reply.json()["type"],
         "https://iana.org/assignments/http-problem-types#quota-exceeded"
     );
-    assert_eq!(reply.json()["violated-policies"], serde_json::json!(["standard"]));
+    assert_eq!(
+        reply.json()["violated-policies"],
+        serde_json::json!(["standard"])
+    );
 
     // Another tenant is served meanwhile.
     assert_eq!(http.get_as("quiet").await.status, StatusCode::OK);
@@ -126,7 +131,10 @@ async fn the_permit_is_held_until_a_slow_streaming_body_is_done() {
         .await
         .expect("response");
     assert_eq!(res.status(), StatusCode::OK);
-    chunks_tx.send(Ok(Bytes::from_static(b"part 1"))).await.expect("send");
+    chunks_tx
+        .send(Ok(Bytes::from_static(b"part 1")))
+        .await
+        .expect("send");
     let mut body = res.into_body();
     let frame = body.frame().await.expect("a frame").expect("ok");
     assert_eq!(frame.into_data().ok(), Some(Bytes::from_static(b"part 1")));
@@ -135,7 +143,10 @@ async fn the_permit_is_held_until_a_slow_streaming_body_is_done() {
     assert_eq!(caps.stats().tenants_in_flight, 1);
 
     // The last chunk, then the end: the permit comes back.
-    chunks_tx.send(Ok(Bytes::from_static(b"part 2"))).await.expect("send");
+    chunks_tx
+        .send(Ok(Bytes::from_static(b"part 2")))
+        .await
+        .expect("send");
     drop(chunks_tx);
     let rest = body.collect().await.expect("rest").to_bytes();
     assert_eq!(rest, Bytes::from_static(b"part 2"));

@@ -54,7 +54,11 @@ fn gated(
 /// Sends `req` and reads the whole response, releasing its permit.
 async fn exchange<S>(svc: S, req: Request<String>) -> StatusCode
 where
-    S: Service<Request<String>, Response = Response<tower_floodgate::response::ResponseBody<Body>>, Error = Infallible>,
+    S: Service<
+            Request<String>,
+            Response = Response<tower_floodgate::response::ResponseBody<Body>>,
+            Error = Infallible,
+        >,
 {
     let res = svc.oneshot(req).await.expect("infallible");
     let status = res.status();
@@ -81,7 +85,11 @@ async fn queue_admits_in_order_and_times_out_on_the_dot() {
         tasks.push(tokio::spawn(exchange(svc, request("t", id))));
         tokio::task::yield_now().await;
     }
-    let full = svc.clone().oneshot(request("t", 4)).await.expect("infallible");
+    let full = svc
+        .clone()
+        .oneshot(request("t", 4))
+        .await
+        .expect("infallible");
     assert_eq!(full.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(caps.stats().waiting, 3);
     assert_eq!(*order.lock().expect("lock"), [0]);
@@ -159,7 +167,11 @@ async fn global_queue_and_tenant_queue_compose() {
     }
     let stats = caps.stats();
     assert_eq!(
-        (stats.global_in_flight, stats.tenants_in_flight, stats.waiting),
+        (
+            stats.global_in_flight,
+            stats.tenants_in_flight,
+            stats.waiting
+        ),
         (0, 0, 0)
     );
 }
@@ -273,7 +285,11 @@ fn futures_chunks(
     tokio::spawn(async move {
         for i in 0..3u64 {
             tokio::time::sleep(Duration::from_millis(1 + (id + i) % 3)).await;
-            if tx.send(Ok(http_body::Frame::data(Bytes::from_static(b"chunk")))).await.is_err() {
+            if tx
+                .send(Ok(http_body::Frame::data(Bytes::from_static(b"chunk"))))
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -284,16 +300,16 @@ fn futures_chunks(
 #[tokio::test]
 async fn generic_layer_fails_with_a_downcastable_rejection() {
     let caps = ConcurrencyCapLayer::new(Plan::new("p").concurrency(1))
-        .key(tower_floodgate::key::from_fn(|job: &(&'static str, Arc<Notify>)| {
-            Some(tower_floodgate::TenantKey::from(job.0))
-        }))
+        .key(tower_floodgate::key::from_fn(
+            |job: &(&'static str, Arc<Notify>)| Some(tower_floodgate::TenantKey::from(job.0)),
+        ))
         .into_generic();
-    let svc = tower::ServiceBuilder::new()
-        .layer(caps)
-        .service(service_fn(|job: (&'static str, Arc<Notify>)| async move {
+    let svc = tower::ServiceBuilder::new().layer(caps).service(service_fn(
+        |job: (&'static str, Arc<Notify>)| async move {
             job.1.notified().await;
             Ok::<_, Infallible>("done")
-        }));
+        },
+    ));
     let gate = Arc::new(Notify::new());
     let first = tokio::spawn(svc.clone().oneshot(("a", Arc::clone(&gate))));
     tokio::task::yield_now().await;

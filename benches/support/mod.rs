@@ -8,7 +8,7 @@ use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
 /// Polls a future that is ready at once.
-pub fn now<F: Future>(f: F) -> F::Output {
+pub(crate) fn now<F: Future>(f: F) -> F::Output {
     let mut f = pin!(f);
     match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
         Poll::Ready(out) => out,
@@ -17,10 +17,12 @@ pub fn now<F: Future>(f: F) -> F::Output {
 }
 
 /// Criterion's mean estimate for `group/function`, in nanoseconds.
-pub fn mean(group: &str, function: &str) -> Option<f64> {
+pub(crate) fn mean(group: &str, function: &str) -> Option<f64> {
     let root = std::env::var_os("CRITERION_HOME")
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("CARGO_TARGET_DIR").map(|d| PathBuf::from(d).join("criterion")))
+        .or_else(|| {
+            std::env::var_os("CARGO_TARGET_DIR").map(|d| PathBuf::from(d).join("criterion"))
+        })
         .unwrap_or_else(|| PathBuf::from("target/criterion"));
     let path = root.join(group).join(function).join("new/estimates.json");
     let text = std::fs::read_to_string(path).ok()?;
@@ -30,12 +32,12 @@ pub fn mean(group: &str, function: &str) -> Option<f64> {
 
 /// Prints, per group, floodgate's time against each other function's:
 /// the ratio and the difference per call.
-pub fn print_comparison(groups: &[&str], others: &[&str]) {
+pub(crate) fn print_comparison(groups: &[&str], others: &[&str]) {
     print_named("floodgate", groups, others);
 }
 
 /// Like [`print_comparison`] for the function named `ours`.
-pub fn print_named(ours_name: &str, groups: &[&str], others: &[&str]) {
+pub(crate) fn print_named(ours_name: &str, groups: &[&str], others: &[&str]) {
     println!(
         "\n{:<30} {:>12} {:>16} {:>12} {:>8} {:>10}",
         "workload", ours_name, "other", "its time", "ratio", "diff"

@@ -519,8 +519,8 @@ impl Permit {
         self.global = true;
     }
 
-    /// Whether it holds anything.
-    pub(super) fn is_empty(&self) -> bool {
+    /// Whether it holds nothing.
+    pub(crate) fn is_empty(&self) -> bool {
         !self.tenant && !self.global
     }
 }
@@ -555,7 +555,7 @@ enum Stage {
 
 /// A request waiting in a queue. Dropping it withdraws from the queue and
 /// returns whatever it holds.
-pub(super) struct Ticket {
+pub(crate) struct Ticket {
     runtime: Arc<Runtime>,
     fp: u64,
     permit: Permit,
@@ -570,7 +570,7 @@ pub(super) struct Ticket {
 impl Ticket {
     /// Ready with the permit once every unit is granted, or with the
     /// rejection at the deadline.
-    pub(super) fn poll_permit(&mut self, cx: &mut Context<'_>) -> Poll<Result<Permit, Rejection>> {
+    pub(crate) fn poll_permit(&mut self, cx: &mut Context<'_>) -> Poll<Result<Permit, Rejection>> {
         loop {
             let Some(waiter) = &self.waiter else {
                 return Poll::Ready(Ok(std::mem::replace(&mut self.permit, Permit::empty())));

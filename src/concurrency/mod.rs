@@ -52,11 +52,10 @@
 //!     .layer(caps);
 //! ```
 
-mod future;
 mod layer;
 mod service;
 
-pub use self::future::{GenericResponseFuture, ResponseFuture};
 pub use self::layer::{ConcurrencyCapLayer, ConcurrencyStats, GenericConcurrencyCapLayer};
-pub(crate) use self::layer::Permit;
+pub(crate) use self::layer::{Permit, Ticket};
 pub use self::service::{ConcurrencyCap, GenericConcurrencyCap};
+pub use crate::held::{GenericResponseFuture, ResponseFuture};

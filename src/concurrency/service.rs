@@ -5,10 +5,10 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower_service::Service;
 
-use super::future::{GenericResponseFuture, ResponseFuture};
 use super::layer::{Admit, Shared};
+use crate::held::{GenericResponseFuture, ResponseFuture, Ticket};
 use crate::key::KeyExtractor;
-use crate::response::{ResponseBody, is_grpc, rejection_response};
+use crate::response::{Guard, ResponseBody, is_grpc, rejection_response};
 
 /// The constructor, accessors, `Clone` and `Debug` shared by both services.
 macro_rules! service_common {
@@ -82,12 +82,14 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         match self.shared.admit(&req) {
-            Admit::Now(permit) => ResponseFuture::admitted(self.inner.call(req), permit),
+            Admit::Now(permit) => {
+                ResponseFuture::admitted(self.inner.call(req), Guard::Permit(permit))
+            }
             Admit::Wait(ticket) => {
                 let fresh = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, fresh);
                 let grpc = is_grpc(req.headers());
-                ResponseFuture::waiting(ticket, ready, req, grpc)
+                ResponseFuture::waiting(Ticket::Cap(ticket), ready, req, grpc)
             }
             Admit::Reject(rejection) => {
                 ResponseFuture::rejected(rejection_response(rejection, is_grpc(req.headers())))
@@ -119,11 +121,13 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         match self.shared.admit(&req) {
-            Admit::Now(permit) => GenericResponseFuture::admitted(self.inner.call(req), permit),
+            Admit::Now(permit) => {
+                GenericResponseFuture::admitted(self.inner.call(req), Guard::Permit(permit))
+            }
             Admit::Wait(ticket) => {
                 let fresh = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, fresh);
-                GenericResponseFuture::waiting(ticket, ready, req)
+                GenericResponseFuture::waiting(Ticket::Cap(ticket), ready, req)
             }
             Admit::Reject(rejection) => GenericResponseFuture::rejected(rejection),
         }

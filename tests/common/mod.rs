@@ -64,7 +64,13 @@ impl Http {
         }
     }
 
-    pub(crate) fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Request<Full<Bytes>> {
+    pub(crate) fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Request<Full<Bytes>> {
         let mut req = Request::builder()
             .method(method)
             .uri(format!("http://{}{path}", self.addr));
@@ -75,7 +81,13 @@ impl Http {
             .expect("request")
     }
 
-    pub(crate) async fn send(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Reply {
+    pub(crate) async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Reply {
         let res = self
             .client
             .request(self.request(method, path, headers, body))

@@ -1,4 +1,6 @@
-//! Response futures.
+//! The response futures of the layers that hold something while a request
+//! is in flight (the concurrency cap and the load shedder): a permit taken
+//! at once, or a place in a queue to wait for one first.
 
 use std::fmt;
 use std::future::Future;
@@ -10,20 +12,37 @@ use http::{Response, StatusCode};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use super::layer::{Permit, Ticket};
 use crate::error::Rejection;
 use crate::response::{Guard, ResponseBody, rejection_response};
 
+/// A request waiting in one of the layers' queues.
+pub(crate) enum Ticket {
+    Cap(Box<crate::concurrency::Ticket>),
+    Shed(Box<crate::shed::Ticket>),
+}
+
+impl Ticket {
+    /// Ready with what the request holds once it may go, or with the
+    /// rejection at its deadline.
+    fn poll_guard(&mut self, cx: &mut Context<'_>) -> Poll<Result<Guard, Rejection>> {
+        match self {
+            Self::Cap(ticket) => ticket.poll_permit(cx).map_ok(Guard::Permit),
+            Self::Shed(ticket) => ticket.poll_permit(cx).map_ok(Guard::Shed),
+        }
+    }
+}
+
 /// A request waiting for its permit, with the service made ready for it.
 struct Waiting<S, Req> {
-    ticket: Box<Ticket>,
+    ticket: Ticket,
     service: S,
     request: Req,
     grpc: bool,
 }
 
 pin_project! {
-    /// The response future of [`ConcurrencyCap`](super::ConcurrencyCap).
+    /// The response future of [`ConcurrencyCap`](crate::concurrency::ConcurrencyCap)
+    /// and [`LoadShed`](crate::shed::LoadShed).
     pub struct ResponseFuture<S, Req, B>
     where
         S: Service<Req>,
@@ -39,23 +58,23 @@ pin_project! {
     where
         S: Service<Req>,
     {
-        Admitted { #[pin] future: S::Future, permit: Option<Permit> },
+        Admitted { #[pin] future: S::Future, guard: Option<Guard> },
         Waiting { waiting: Option<Box<Waiting<S, Req>>> },
         Rejected { response: Option<Box<Response<ResponseBody<B>>>> },
     }
 }
 
 impl<S: Service<Req>, Req, B> ResponseFuture<S, Req, B> {
-    pub(super) fn admitted(future: S::Future, permit: Permit) -> Self {
+    pub(crate) fn admitted(future: S::Future, guard: Guard) -> Self {
         Self {
             kind: Kind::Admitted {
                 future,
-                permit: Some(permit),
+                guard: Some(guard),
             },
         }
     }
 
-    pub(super) fn waiting(ticket: Box<Ticket>, service: S, request: Req, grpc: bool) -> Self {
+    pub(crate) fn waiting(ticket: Ticket, service: S, request: Req, grpc: bool) -> Self {
         Self {
             kind: Kind::Waiting {
                 waiting: Some(Box::new(Waiting {
@@ -68,7 +87,7 @@ impl<S: Service<Req>, Req, B> ResponseFuture<S, Req, B> {
         }
     }
 
-    pub(super) fn rejected(response: Response<ResponseBody<B>>) -> Self {
+    pub(crate) fn rejected(response: Response<ResponseBody<B>>) -> Self {
         Self {
             kind: Kind::Rejected {
                 response: Some(Box::new(response)),
@@ -93,13 +112,15 @@ where
         loop {
             let mut kind = self.as_mut().project().kind;
             match kind.as_mut().project() {
-                KindProj::Admitted { future, permit } => {
+                KindProj::Admitted { future, guard } => {
                     let response = ready!(future.poll(cx))?;
-                    // The permit moves into the body: it is held until the
-                    // body is done, not just until the handler returns.
-                    return Poll::Ready(Ok(match permit.take() {
-                        Some(permit) if !permit.is_empty() => {
-                            response.map(|body| ResponseBody::guarded(body, Guard::Permit(permit)))
+                    // What the request holds moves into the body: it is held
+                    // until the body is done, not just until the handler
+                    // returns.
+                    return Poll::Ready(Ok(match guard.take() {
+                        Some(mut guard) if !guard.is_empty() => {
+                            guard.responded();
+                            response.map(|body| ResponseBody::guarded(body, guard))
                         }
                         _ => response.map(ResponseBody::inner),
                     }));
@@ -108,13 +129,13 @@ where
                     let Some(wait) = waiting.as_mut() else {
                         return Poll::Ready(Ok(after_completion()));
                     };
-                    match ready!(wait.ticket.poll_permit(cx)) {
+                    match ready!(wait.ticket.poll_guard(cx)) {
                         Err(rejection) => {
                             let grpc = wait.grpc;
                             *waiting = None;
                             return Poll::Ready(Ok(rejection_response(rejection, grpc)));
                         }
-                        Ok(permit) => {
+                        Ok(guard) => {
                             let Some(wait) = waiting.take() else {
                                 return Poll::Ready(Ok(after_completion()));
                             };
@@ -126,7 +147,7 @@ where
                             let future = service.call(request);
                             kind.set(Kind::Admitted {
                                 future,
-                                permit: Some(permit),
+                                guard: Some(guard),
                             });
                         }
                     }
@@ -154,7 +175,8 @@ impl<S: Service<Req>, Req, B> fmt::Debug for ResponseFuture<S, Req, B> {
 }
 
 pin_project! {
-    /// The response future of [`GenericConcurrencyCap`](super::GenericConcurrencyCap).
+    /// The response future of [`GenericConcurrencyCap`](crate::concurrency::GenericConcurrencyCap)
+    /// and [`GenericLoadShed`](crate::shed::GenericLoadShed).
     pub struct GenericResponseFuture<S, Req>
     where
         S: Service<Req>,
@@ -170,23 +192,23 @@ pin_project! {
     where
         S: Service<Req>,
     {
-        Admitted { #[pin] future: S::Future, permit: Option<Permit> },
+        Admitted { #[pin] future: S::Future, guard: Option<Guard> },
         Waiting { waiting: Option<Box<Waiting<S, Req>>> },
         Rejected { rejection: Option<Rejection> },
     }
 }
 
 impl<S: Service<Req>, Req> GenericResponseFuture<S, Req> {
-    pub(super) fn admitted(future: S::Future, permit: Permit) -> Self {
+    pub(crate) fn admitted(future: S::Future, guard: Guard) -> Self {
         Self {
             kind: GenericKind::Admitted {
                 future,
-                permit: Some(permit),
+                guard: Some(guard),
             },
         }
     }
 
-    pub(super) fn waiting(ticket: Box<Ticket>, service: S, request: Req) -> Self {
+    pub(crate) fn waiting(ticket: Ticket, service: S, request: Req) -> Self {
         Self {
             kind: GenericKind::Waiting {
                 waiting: Some(Box::new(Waiting {
@@ -199,7 +221,7 @@ impl<S: Service<Req>, Req> GenericResponseFuture<S, Req> {
         }
     }
 
-    pub(super) fn rejected(rejection: Rejection) -> Self {
+    pub(crate) fn rejected(rejection: Rejection) -> Self {
         Self {
             kind: GenericKind::Rejected {
                 rejection: Some(rejection),
@@ -208,7 +230,7 @@ impl<S: Service<Req>, Req> GenericResponseFuture<S, Req> {
     }
 }
 
-const POLLED_AFTER_COMPLETION: &str = "concurrency cap future polled after completion";
+const POLLED_AFTER_COMPLETION: &str = "response future polled after completion";
 
 impl<S, Req> Future for GenericResponseFuture<S, Req>
 where
@@ -221,21 +243,23 @@ where
         loop {
             let mut kind = self.as_mut().project().kind;
             match kind.as_mut().project() {
-                GenericKindProj::Admitted { future, permit } => {
+                GenericKindProj::Admitted { future, guard } => {
                     let output = ready!(future.poll(cx)).map_err(Into::into);
-                    permit.take();
+                    if let Some(mut guard) = guard.take() {
+                        guard.responded();
+                    }
                     return Poll::Ready(output);
                 }
                 GenericKindProj::Waiting { waiting } => {
                     let Some(wait) = waiting.as_mut() else {
                         return Poll::Ready(Err(POLLED_AFTER_COMPLETION.into()));
                     };
-                    match ready!(wait.ticket.poll_permit(cx)) {
+                    match ready!(wait.ticket.poll_guard(cx)) {
                         Err(rejection) => {
                             *waiting = None;
                             return Poll::Ready(Err(Box::new(rejection)));
                         }
-                        Ok(permit) => {
+                        Ok(guard) => {
                             let Some(wait) = waiting.take() else {
                                 return Poll::Ready(Err(POLLED_AFTER_COMPLETION.into()));
                             };
@@ -247,7 +271,7 @@ where
                             let future = service.call(request);
                             kind.set(GenericKind::Admitted {
                                 future,
-                                permit: Some(permit),
+                                guard: Some(guard),
                             });
                         }
                     }

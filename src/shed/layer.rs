@@ -1,0 +1,781 @@
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::time::Sleep;
+use tower_layer::Layer;
+
+use super::limit::{CoDel, CoDelState, Controller, Limit};
+use super::priority::{FromExtension, Priority, PriorityExtractor};
+use super::service::{GenericLoadShed, LoadShed};
+use crate::clock::Clock;
+use crate::common::Refusals;
+use crate::error::{OverloadCause, Overloaded, Rejection, ShedReason};
+use crate::gate::{self, Fast, QUEUED, Waiter};
+use crate::hash::tenant_hash;
+use crate::inflight::{Admission, Tenants};
+use crate::key::{Extension, KeyExtractor, TenantKey};
+use crate::limiter::DEFAULT_MAX_TENANTS;
+use crate::policy::{Plan, Policy, PolicyHandle, PolicyListener};
+use crate::sync::{AtomicU64 as GateWord, Mutex};
+use crate::table::fingerprint;
+
+const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Refuses work the process cannot take, lowest priority and heaviest
+/// tenants first. See the [module docs](crate::shed).
+pub struct LoadShedLayer<K = Extension<TenantKey>, P = FromExtension> {
+    policy: PolicyHandle,
+    runtime: Arc<Runtime>,
+    key: K,
+    priority: P,
+}
+
+/// The knobs; copied into every service.
+#[derive(Debug, Clone, Copy)]
+struct Config {
+    critical_reserve: f64,
+    sheddable_share: f64,
+    fairness: bool,
+    queue: Option<(usize, CoDel)>,
+    retry_after: Duration,
+}
+
+/// The state every clone and every `layer()` call shares.
+pub(crate) struct Runtime {
+    config: Config,
+    controller: Controller,
+    /// Requests in flight, as a gate word (count and `QUEUED`).
+    word: GateWord,
+    queues: Mutex<Queues>,
+    tenants: Tenants,
+    refusals: Refusals,
+    clock: Clock,
+    shed_capacity: AtomicU64,
+    shed_fair_share: AtomicU64,
+    shed_timeout: AtomicU64,
+}
+
+/// One FIFO queue per priority, and CoDel's view of them.
+#[derive(Default)]
+struct Queues {
+    by_priority: [VecDeque<Queued>; 3],
+    codel: CoDelState,
+}
+
+struct Queued {
+    waiter: Arc<Waiter>,
+    since: u64,
+}
+
+impl Queues {
+    fn len(&self) -> usize {
+        self.by_priority.iter().map(VecDeque::len).sum()
+    }
+}
+
+impl PolicyListener for Runtime {
+    fn policy_changed(&self, _old: &Policy, new: &Arc<Policy>) {
+        self.tenants.set_policy(Arc::clone(new));
+    }
+}
+
+impl Runtime {
+    fn new(policy: &PolicyHandle, limit: Limit, config: Config, clock: Clock) -> Arc<Self> {
+        let seen = policy.current();
+        let runtime = Arc::new(Self {
+            config,
+            controller: Controller::new(limit),
+            word: GateWord::new(0),
+            queues: Mutex::new(Queues::default()),
+            tenants: Tenants::new(DEFAULT_MAX_TENANTS, Arc::clone(&seen), true),
+            refusals: Refusals::default(),
+            clock,
+            shed_capacity: AtomicU64::new(0),
+            shed_fair_share: AtomicU64::new(0),
+            shed_timeout: AtomicU64::new(0),
+        });
+        let listener: Arc<dyn PolicyListener> = runtime.clone();
+        policy.subscribe(&listener, &seen);
+        runtime
+    }
+
+    /// The most requests of `priority` admitted at once under `limit`: all
+    /// of it for critical ones, all but the (rounded down) reserve for
+    /// normal ones, a share of that for sheddable ones.
+    fn ceiling(&self, priority: Priority, limit: u32) -> u32 {
+        let reserve = (f64::from(limit) * self.config.critical_reserve).floor() as u32;
+        let normal = limit.saturating_sub(reserve);
+        match priority {
+            Priority::Critical => limit,
+            Priority::Normal => normal,
+            Priority::Sheddable => {
+                (f64::from(normal) * self.config.sheddable_share).floor() as u32
+            }
+        }
+    }
+
+    fn in_flight(&self) -> u32 {
+        gate::count(self.word.load(Ordering::Acquire))
+    }
+
+    fn refuse(&self, rejection: &Rejection, counter: &AtomicU64) -> bool {
+        self.refusals
+            .record("load_shed", rejection, counter, self.clock.now_nanos())
+    }
+
+    fn overloaded(
+        &self,
+        tenant: Option<&TenantKey>,
+        priority: Priority,
+        reason: ShedReason,
+        in_flight: u32,
+        limit: u32,
+    ) -> Rejection {
+        Rejection::Overloaded(Box::new(Overloaded {
+            cause: OverloadCause::Shed {
+                priority,
+                reason,
+                in_flight,
+                limit,
+            },
+            tenant: tenant.cloned(),
+            retry_after: self.config.retry_after,
+        }))
+    }
+
+    /// Returns a unit: to the most important waiter that may go, else to
+    /// the count.
+    fn release(&self) {
+        if let Fast::Done(_) = gate::try_release(&self.word) {
+            return;
+        }
+        let granted = {
+            let mut queues = self.queues.lock();
+            let now = self.clock.now_nanos();
+            let in_flight = self.in_flight();
+            let limit = self.controller.limit();
+            let mut granted = None;
+            for priority in [Priority::Critical, Priority::Normal, Priority::Sheddable] {
+                // The waiter takes over the unit: in flight stays the same,
+                // which must be within its priority's ceiling.
+                if in_flight > self.ceiling(priority, limit) {
+                    continue;
+                }
+                let queue = &mut queues.by_priority[priority.index()];
+                while let Some(queued) = queue.pop_front() {
+                    if !queued.waiter.try_grant() {
+                        continue;
+                    }
+                    let waited = now.saturating_sub(queued.since);
+                    if let Some((_, codel)) = &self.config.queue {
+                        queues.codel.left(codel, waited, now);
+                    }
+                    granted = Some(queued.waiter);
+                    break;
+                }
+                if granted.is_some() {
+                    break;
+                }
+            }
+            if queues.len() == 0 {
+                self.word.fetch_and(!QUEUED, Ordering::AcqRel);
+            }
+            if granted.is_none() {
+                self.word.fetch_sub(1, Ordering::AcqRel);
+            }
+            granted
+        };
+        if let Some(waiter) = granted {
+            waiter.wake();
+        }
+    }
+
+    /// Withdraws a waiter that waited since `since` (a timeout, when
+    /// `timed_out`); returns its unit if it had just been granted one.
+    fn cancel(&self, priority: Priority, waiter: &Arc<Waiter>, since: u64, timed_out: bool) {
+        let owned = {
+            let mut queues = self.queues.lock();
+            if timed_out && let Some((_, codel)) = &self.config.queue {
+                let now = self.clock.now_nanos();
+                queues.codel.left(codel, now.saturating_sub(since), now);
+            }
+            let queue = &mut queues.by_priority[priority.index()];
+            let owned = !waiter.try_cancel();
+            if let Some(at) = queue.iter().position(|q| Arc::ptr_eq(&q.waiter, waiter)) {
+                queue.remove(at);
+            }
+            if queues.len() == 0 {
+                self.word.fetch_and(!QUEUED, Ordering::AcqRel);
+            }
+            owned
+        };
+        if owned {
+            self.release();
+        }
+    }
+}
+
+impl LoadShedLayer {
+    /// A shedder admitting at most `limit` requests in flight, with the
+    /// default priorities (critical traffic keeps 10% of the capacity,
+    /// sheddable traffic gets at most half of the rest), fairness between
+    /// tenants on, and no queue. Requests take their priority from a
+    /// [`Priority`] extension, and their tenant (for fairness) from a
+    /// [`TenantKey`] extension.
+    #[must_use]
+    pub fn new(limit: Limit) -> Self {
+        let policy = PolicyHandle::new(Policy::new(Plan::new("default")));
+        let config = Config {
+            critical_reserve: 0.1,
+            sheddable_share: 0.5,
+            fairness: true,
+            queue: None,
+            retry_after: DEFAULT_RETRY_AFTER,
+        };
+        Self {
+            runtime: Runtime::new(&policy, limit, config, Clock::monotonic()),
+            policy,
+            key: Extension::default(),
+            priority: FromExtension::default(),
+        }
+    }
+}
+
+impl<K, P> LoadShedLayer<K, P> {
+    /// Starts a fresh state with changed settings (builder methods; call
+    /// them before cloning the layer).
+    fn rebuild(self, change: impl FnOnce(&mut Config)) -> Self {
+        let clock = self.runtime.clock.clone();
+        self.rebuild_with(change, clock)
+    }
+
+    fn rebuild_with(mut self, change: impl FnOnce(&mut Config), clock: Clock) -> Self {
+        let mut config = self.runtime.config;
+        change(&mut config);
+        let limit = self.runtime.controller.setting();
+        let shadow = self.is_shadow();
+        self.runtime = Runtime::new(&self.policy, limit, config, clock);
+        self.set_shadow(shadow);
+        self
+    }
+
+    /// The clock that times latency and waits (default
+    /// [`Clock::monotonic`]; use [`Clock::tokio`] with tokio's paused test
+    /// time, which also drives the queue's deadlines).
+    #[must_use]
+    pub fn clock(self, clock: Clock) -> Self {
+        self.rebuild_with(|_| {}, clock)
+    }
+
+    /// Takes the priority of requests whose extractor says nothing from
+    /// their tenant's plan ([`Plan::priority`]) under `policy`.
+    #[must_use]
+    pub fn policy(mut self, policy: impl Into<PolicyHandle>) -> Self {
+        self.policy = policy.into();
+        self.rebuild(|_| {})
+    }
+
+    /// Finds the tenant with `key`, for fairness. A request without a key
+    /// is never refused for it; it just is not weighed against others.
+    #[must_use]
+    pub fn key<K2>(self, key: K2) -> LoadShedLayer<K2, P> {
+        LoadShedLayer {
+            policy: self.policy,
+            runtime: self.runtime,
+            key,
+            priority: self.priority,
+        }
+    }
+
+    /// Reads each request's [`Priority`] with `priority` (see
+    /// [`priority`](crate::shed::priority)).
+    #[must_use]
+    pub fn priority<P2>(self, priority: P2) -> LoadShedLayer<K, P2> {
+        LoadShedLayer {
+            policy: self.policy,
+            runtime: self.runtime,
+            key: self.key,
+            priority,
+        }
+    }
+
+    /// The share of the limit only critical requests may use (default 0.1).
+    #[must_use]
+    pub fn critical_reserve(self, share: f64) -> Self {
+        self.rebuild(|c| c.critical_reserve = share.clamp(0.0, 1.0))
+    }
+
+    /// The share of the non-reserved capacity sheddable requests may use
+    /// (default 0.5).
+    #[must_use]
+    pub fn sheddable_share(self, share: f64) -> Self {
+        self.rebuild(|c| c.sheddable_share = share.clamp(0.0, 1.0))
+    }
+
+    /// Whether, once three quarters of a priority's capacity is in use,
+    /// tenants at or above their fair share (that capacity divided by the
+    /// tenants with requests in flight) are refused while others are still
+    /// admitted (default on).
+    #[must_use]
+    pub fn fairness(self, enabled: bool) -> Self {
+        self.rebuild(|c| c.fairness = enabled)
+    }
+
+    /// Lets up to `max_waiting` requests wait for capacity instead of being
+    /// refused at once, each for as long as [`CoDel`] allows; the most
+    /// important waiters go first.
+    #[must_use]
+    pub fn queue(self, max_waiting: usize, codel: CoDel) -> Self {
+        self.rebuild(|c| c.queue = (max_waiting > 0).then_some((max_waiting, codel)))
+    }
+
+    /// The `Retry-After` of the 503s (default one second).
+    #[must_use]
+    pub fn retry_after(self, wait: Duration) -> Self {
+        self.rebuild(|c| c.retry_after = wait)
+    }
+
+    /// Shadow (dry-run) mode: admit everything, count and log what would
+    /// have been refused.
+    #[must_use]
+    pub fn shadow(self, enabled: bool) -> Self {
+        self.set_shadow(enabled);
+        self
+    }
+
+    /// Switches shadow mode for every service made by this layer and its
+    /// clones, from the next request on.
+    pub fn set_shadow(&self, enabled: bool) {
+        self.runtime.refusals.set_shadow(enabled);
+    }
+
+    /// Whether shadow mode is on.
+    #[must_use]
+    pub fn is_shadow(&self) -> bool {
+        self.runtime.refusals.is_shadow()
+    }
+
+    /// Counters and current state, shared by the layer's clones.
+    #[must_use]
+    pub fn stats(&self) -> ShedStats {
+        let r = &*self.runtime;
+        let queues = r.queues.lock();
+        ShedStats {
+            shed_capacity: r.shed_capacity.load(Ordering::Relaxed),
+            shed_fair_share: r.shed_fair_share.load(Ordering::Relaxed),
+            shed_timeout: r.shed_timeout.load(Ordering::Relaxed),
+            shadow_rejected: r.refusals.shadowed.load(Ordering::Relaxed),
+            in_flight: r.in_flight(),
+            limit: r.controller.limit(),
+            waiting: queues.len(),
+            overloaded: queues.codel.overloaded(),
+            active_tenants: r.tenants.active(),
+        }
+    }
+
+    /// The same layer for any request type: refused requests fail with a
+    /// [`Rejection`].
+    #[must_use]
+    pub fn into_generic(self) -> GenericLoadShedLayer<K, P> {
+        GenericLoadShedLayer { layer: self }
+    }
+
+    fn shared(&self) -> Arc<Shared<K, P>>
+    where
+        K: Clone,
+        P: Clone,
+    {
+        Arc::new(Shared {
+            runtime: Arc::clone(&self.runtime),
+            key: self.key.clone(),
+            priority: self.priority.clone(),
+        })
+    }
+}
+
+impl<K: Clone, P: Clone> Clone for LoadShedLayer<K, P> {
+    fn clone(&self) -> Self {
+        Self {
+            policy: self.policy.clone(),
+            runtime: Arc::clone(&self.runtime),
+            key: self.key.clone(),
+            priority: self.priority.clone(),
+        }
+    }
+}
+
+impl<K: fmt::Debug, P: fmt::Debug> fmt::Debug for LoadShedLayer<K, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoadShedLayer")
+            .field("key", &self.key)
+            .field("priority", &self.priority)
+            .field("config", &self.runtime.config)
+            .field("controller", &self.runtime.controller)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, K: Clone, P: Clone> Layer<S> for LoadShedLayer<K, P> {
+    type Service = LoadShed<S, K, P>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        LoadShed::new(inner, self.shared())
+    }
+}
+
+/// [`LoadShedLayer`] for any request type. Made by
+/// [`LoadShedLayer::into_generic`].
+pub struct GenericLoadShedLayer<K = Extension<TenantKey>, P = FromExtension> {
+    layer: LoadShedLayer<K, P>,
+}
+
+impl<K, P> GenericLoadShedLayer<K, P> {
+    /// The HTTP layer this was made from (for its settings and stats).
+    #[must_use]
+    pub fn get_ref(&self) -> &LoadShedLayer<K, P> {
+        &self.layer
+    }
+}
+
+impl<K: Clone, P: Clone> Clone for GenericLoadShedLayer<K, P> {
+    fn clone(&self) -> Self {
+        Self {
+            layer: self.layer.clone(),
+        }
+    }
+}
+
+impl<K: fmt::Debug, P: fmt::Debug> fmt::Debug for GenericLoadShedLayer<K, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("GenericLoadShedLayer")
+            .field(&self.layer)
+            .finish()
+    }
+}
+
+impl<S, K: Clone, P: Clone> Layer<S> for GenericLoadShedLayer<K, P> {
+    type Service = GenericLoadShed<S, K, P>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GenericLoadShed::new(inner, self.layer.shared())
+    }
+}
+
+/// Counters and state of a [`LoadShedLayer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ShedStats {
+    /// Requests refused because their priority's capacity was used up.
+    pub shed_capacity: u64,
+    /// Requests refused because their tenant had its fair share or more.
+    pub shed_fair_share: u64,
+    /// Requests that waited in the queue until CoDel's deadline.
+    pub shed_timeout: u64,
+    /// Requests that shadow mode let through but would have refused.
+    pub shadow_rejected: u64,
+    /// Requests in flight now.
+    pub in_flight: u32,
+    /// The limit in force now.
+    pub limit: u32,
+    /// Requests waiting now.
+    pub waiting: usize,
+    /// Whether CoDel sees a standing queue.
+    pub overloaded: bool,
+    /// Tenants with a request in flight now.
+    pub active_tenants: u64,
+}
+
+/// What the services of one `layer()` call share.
+pub(super) struct Shared<K, P> {
+    runtime: Arc<Runtime>,
+    key: K,
+    priority: P,
+}
+
+pub(super) enum Admit {
+    Now(Permit),
+    Wait(Box<Ticket>),
+    Reject(Rejection),
+}
+
+impl<K, P> Shared<K, P> {
+    pub(super) fn admit<Req>(&self, req: &Req) -> Admit
+    where
+        K: KeyExtractor<Req>,
+        P: PriorityExtractor<Req>,
+    {
+        let runtime = &self.runtime;
+        let config = &runtime.config;
+        // Time is only needed to measure latency and waits.
+        let timed = runtime.controller.is_adaptive() || config.queue.is_some();
+        let now = if timed { runtime.clock.now_nanos() } else { 0 };
+        let snapshot = runtime.tenants.snapshot();
+        // The tenant is only needed for fairness and for plan priorities.
+        let tenant = if config.fairness || snapshot.extra.any_priority() {
+            self.key.extract(req).ok()
+        } else {
+            None
+        };
+        let (hash, plan) = match &tenant {
+            Some(tenant) => {
+                let hash = tenant_hash(tenant.as_bytes());
+                (hash, Some(snapshot.extra.plan_for_hashed(hash, tenant.as_bytes())))
+            }
+            None => (0, None),
+        };
+        let priority = self
+            .priority
+            .priority(req)
+            .or_else(|| plan.and_then(Plan::request_priority))
+            .unwrap_or(Priority::Normal);
+        let limit = runtime.controller.limit();
+        let ceiling = runtime.ceiling(priority, limit);
+        let shadow = runtime.refusals.is_shadow();
+        let fp = tenant.as_ref().map(|_| fingerprint(hash));
+
+        // Fairness: under pressure, tenants at or above their share wait
+        // for the light ones.
+        let in_flight = runtime.in_flight();
+        runtime.controller.observe_load(in_flight, limit);
+        if config.fairness
+            && let Some(fp) = fp
+            && u64::from(in_flight) * 4 >= u64::from(ceiling) * 3
+        {
+            let active = runtime.tenants.active().max(1);
+            let share = u64::from(ceiling).div_ceil(active).max(1);
+            if u64::from(runtime.tenants.in_flight(&snapshot, fp)) >= share {
+                let rejection = runtime.overloaded(
+                    tenant.as_ref(),
+                    priority,
+                    ShedReason::FairShare,
+                    in_flight,
+                    limit,
+                );
+                if !runtime.refuse(&rejection, &runtime.shed_fair_share) {
+                    return Admit::Reject(rejection);
+                }
+            }
+        }
+
+        let mut permit = Permit {
+            runtime: Some(Arc::clone(runtime)),
+            fp: None,
+            global: false,
+            started: now,
+        };
+        if let Some(fp) = fp
+            && config.fairness
+            && let Admission::Granted = runtime.tenants.acquire(&snapshot, fp, u32::MAX, true, 0)
+        {
+            // Counted for fairness only: no cap.
+            permit.fp = Some(fp);
+        }
+        drop(snapshot);
+
+        match gate::try_acquire(&runtime.word, ceiling, shadow) {
+            Fast::Done(_) => {
+                permit.global = true;
+                return Admit::Now(permit);
+            }
+            Fast::Full if config.queue.is_none() => {}
+            Fast::Full | Fast::Slow => {}
+        }
+        // Full, or others wait: queue if allowed, else refuse.
+        let mut queues = runtime.queues.lock();
+        let queueable = config.queue.is_some_and(|(max, _)| queues.len() < max)
+            && !(priority == Priority::Sheddable && queues.codel.overloaded())
+            && !shadow;
+        let mut current = runtime.word.load(Ordering::Acquire);
+        loop {
+            let count = gate::count(current);
+            let queued = current & QUEUED != 0;
+            if !queued && (count < ceiling || shadow) {
+                match runtime.word.compare_exchange(
+                    current,
+                    current + 1,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => {
+                        permit.global = true;
+                        return Admit::Now(permit);
+                    }
+                    Err(actual) => {
+                        current = actual;
+                        continue;
+                    }
+                }
+            }
+            if !queueable {
+                drop(queues);
+                let rejection = runtime.overloaded(
+                    tenant.as_ref(),
+                    priority,
+                    ShedReason::Capacity,
+                    count,
+                    limit,
+                );
+                return if runtime.refuse(&rejection, &runtime.shed_capacity) {
+                    Admit::Now(permit)
+                } else {
+                    Admit::Reject(rejection)
+                };
+            }
+            if !queued
+                && let Err(actual) = runtime.word.compare_exchange(
+                    current,
+                    current | QUEUED,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+            {
+                current = actual;
+                continue;
+            }
+            break;
+        }
+        let waiter = Arc::new(Waiter::new());
+        let codel = config.queue.map(|(_, codel)| codel).unwrap_or_default();
+        queues.codel.tick(&codel, now);
+        let wait = queues.codel.max_wait(&codel);
+        queues.by_priority[priority.index()].push_back(Queued {
+            waiter: Arc::clone(&waiter),
+            since: now,
+        });
+        drop(queues);
+        Admit::Wait(Box::new(Ticket {
+            runtime: Arc::clone(runtime),
+            permit,
+            priority,
+            waiter: Some(waiter),
+            since: now,
+            deadline: Box::pin(tokio::time::sleep(wait)),
+            tenant,
+        }))
+    }
+}
+
+/// What a request holds while in flight: a unit of the in-flight count and
+/// its tenant's count. Dropping it returns them.
+pub(crate) struct Permit {
+    runtime: Option<Arc<Runtime>>,
+    fp: Option<u64>,
+    global: bool,
+    started: u64,
+}
+
+impl Permit {
+    /// Whether it holds nothing.
+    pub(crate) fn is_empty(&self) -> bool {
+        !self.global && self.fp.is_none()
+    }
+
+    /// The response is ready: its latency feeds the adaptive limit.
+    pub(crate) fn responded(&mut self) {
+        if let Some(runtime) = &self.runtime
+            && runtime.controller.is_adaptive()
+        {
+            runtime
+                .controller
+                .record(self.started, runtime.clock.now_nanos());
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(runtime) = &self.runtime {
+            if self.global {
+                runtime.release();
+            }
+            if let Some(fp) = self.fp {
+                runtime.tenants.release(fp);
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Permit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Permit")
+            .field("global", &self.global)
+            .field("tenant", &self.fp.is_some())
+            .finish()
+    }
+}
+
+/// A request waiting for capacity. Dropping it withdraws from the queue and
+/// returns whatever it holds.
+pub(crate) struct Ticket {
+    runtime: Arc<Runtime>,
+    permit: Permit,
+    priority: Priority,
+    waiter: Option<Arc<Waiter>>,
+    since: u64,
+    deadline: Pin<Box<Sleep>>,
+    tenant: Option<TenantKey>,
+}
+
+impl Ticket {
+    pub(crate) fn poll_permit(&mut self, cx: &mut Context<'_>) -> Poll<Result<Permit, Rejection>> {
+        let Some(waiter) = &self.waiter else {
+            return Poll::Ready(Ok(self.take_permit()));
+        };
+        if waiter.register(cx.waker()) {
+            self.waiter = None;
+            self.permit.global = true;
+            // Latency is measured from here: the wait in this queue is the
+            // shedder's own doing, not the service's.
+            if self.runtime.controller.is_adaptive() {
+                self.permit.started = self.runtime.clock.now_nanos();
+            }
+            return Poll::Ready(Ok(self.take_permit()));
+        }
+        if self.deadline.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.withdraw(true);
+        let runtime = Arc::clone(&self.runtime);
+        let rejection = runtime.overloaded(
+            self.tenant.as_ref(),
+            self.priority,
+            ShedReason::QueueTimeout,
+            runtime.in_flight(),
+            runtime.controller.limit(),
+        );
+        runtime.shed_timeout.fetch_add(1, Ordering::Relaxed);
+        runtime.refuse(&rejection, &runtime.shed_capacity);
+        Poll::Ready(Err(rejection))
+    }
+
+    fn take_permit(&mut self) -> Permit {
+        std::mem::replace(
+            &mut self.permit,
+            Permit {
+                runtime: None,
+                fp: None,
+                global: false,
+                started: 0,
+            },
+        )
+    }
+
+    fn withdraw(&mut self, timed_out: bool) {
+        if let Some(waiter) = self.waiter.take() {
+            self.runtime
+                .cancel(self.priority, &waiter, self.since, timed_out);
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.withdraw(false);
+    }
+}

@@ -1,0 +1,135 @@
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tower_service::Service;
+
+use super::layer::{Admit, Shared};
+use super::priority::PriorityExtractor;
+use crate::held::{GenericResponseFuture, ResponseFuture, Ticket};
+use crate::key::KeyExtractor;
+use crate::response::{Guard, ResponseBody, is_grpc, rejection_response};
+
+/// The constructor, accessors, `Clone` and `Debug` shared by both services.
+macro_rules! service_common {
+    ($name:ident) => {
+        impl<S, K, P> $name<S, K, P> {
+            pub(super) fn new(inner: S, shared: Arc<Shared<K, P>>) -> Self {
+                Self { inner, shared }
+            }
+
+            /// The inner service.
+            pub fn get_ref(&self) -> &S {
+                &self.inner
+            }
+
+            /// The inner service, mutably.
+            pub fn get_mut(&mut self) -> &mut S {
+                &mut self.inner
+            }
+
+            /// The inner service, unwrapped.
+            pub fn into_inner(self) -> S {
+                self.inner
+            }
+        }
+
+        impl<S: Clone, K, P> Clone for $name<S, K, P> {
+            fn clone(&self) -> Self {
+                Self {
+                    inner: self.inner.clone(),
+                    shared: Arc::clone(&self.shared),
+                }
+            }
+        }
+
+        impl<S: fmt::Debug, K, P> fmt::Debug for $name<S, K, P> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_struct(stringify!($name))
+                    .field("inner", &self.inner)
+                    .finish_non_exhaustive()
+            }
+        }
+    };
+}
+
+service_common!(LoadShed);
+service_common!(GenericLoadShed);
+
+/// The HTTP service made by [`LoadShedLayer`](super::LoadShedLayer).
+///
+/// The inner service must be `Clone`: a request that waits in the queue
+/// takes the instance made ready for it and leaves a clone in its place.
+pub struct LoadShed<S, K, P> {
+    inner: S,
+    shared: Arc<Shared<K, P>>,
+}
+
+impl<S, K, P, ReqBody, ResBody> Service<Request<ReqBody>> for LoadShed<S, K, P>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    K: KeyExtractor<Request<ReqBody>>,
+    P: PriorityExtractor<Request<ReqBody>>,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, Request<ReqBody>, ResBody>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        match self.shared.admit(&req) {
+            Admit::Now(permit) => ResponseFuture::admitted(self.inner.call(req), Guard::Shed(permit)),
+            Admit::Wait(ticket) => {
+                let fresh = self.inner.clone();
+                let ready = std::mem::replace(&mut self.inner, fresh);
+                let grpc = is_grpc(req.headers());
+                ResponseFuture::waiting(Ticket::Shed(ticket), ready, req, grpc)
+            }
+            Admit::Reject(rejection) => {
+                ResponseFuture::rejected(rejection_response(rejection, is_grpc(req.headers())))
+            }
+        }
+    }
+}
+
+/// The service made by [`GenericLoadShedLayer`](super::GenericLoadShedLayer).
+pub struct GenericLoadShed<S, K, P> {
+    inner: S,
+    shared: Arc<Shared<K, P>>,
+}
+
+impl<S, K, P, Req> Service<Req> for GenericLoadShed<S, K, P>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<crate::BoxError>,
+    K: KeyExtractor<Req>,
+    P: PriorityExtractor<Req>,
+{
+    type Response = S::Response;
+    type Error = crate::BoxError;
+    type Future = GenericResponseFuture<S, Req>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        match self.shared.admit(&req) {
+            Admit::Now(permit) => {
+                GenericResponseFuture::admitted(self.inner.call(req), Guard::Shed(permit))
+            }
+            Admit::Wait(ticket) => {
+                let fresh = self.inner.clone();
+                let ready = std::mem::replace(&mut self.inner, fresh);
+                GenericResponseFuture::waiting(Ticket::Shed(ticket), ready, req)
+            }
+            Admit::Reject(rejection) => GenericResponseFuture::rejected(rejection),
+        }
+    }
+}
