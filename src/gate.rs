@@ -13,9 +13,10 @@
 //! compare-and-swap fail, and the waiter looks again instead of sleeping
 //! through the free unit.
 //!
-//! A word equal to [`FROZEN`](crate::table::FROZEN) is a table slot being
-//! moved: every fast path answers "go slow" and the caller retries under
-//! the lock on the slot's new home.
+//! Bits 32 to 47 are left alone (the in-flight table keeps a generation
+//! there), and a word with [`RESERVED`] set, or equal to
+//! [`FROZEN`](crate::table::FROZEN), is a slot changing hands: every fast
+//! path answers "go slow" and the caller retries under the lock.
 
 use std::collections::VecDeque;
 use std::task::Waker;
@@ -24,6 +25,11 @@ use crate::sync::{Arc, AtomicU8, AtomicU64, Mutex, Ordering};
 
 /// Set while the queue is not empty.
 pub(crate) const QUEUED: u64 = 1 << 62;
+/// Set while a table seat changes hands: take the slow path.
+pub(crate) const RESERVED: u64 = 1 << 61;
+/// Any of these sends the fast paths to the lock. A frozen table slot
+/// (`u64::MAX`) has them all.
+pub(crate) const SLOW: u64 = QUEUED | RESERVED;
 const COUNT: u64 = 0xFFFF_FFFF;
 const FROZEN: u64 = u64::MAX;
 
@@ -31,13 +37,6 @@ const FROZEN: u64 = u64::MAX;
 #[inline]
 pub(crate) fn count(word: u64) -> u32 {
     (word & COUNT) as u32
-}
-
-/// Whether `word` is a slot that may be dropped: nothing in use, nobody
-/// waiting.
-#[inline]
-pub(crate) fn is_idle(word: u64) -> bool {
-    word == 0
 }
 
 /// The outcome of a lock-free attempt.
@@ -57,7 +56,7 @@ pub(crate) enum Fast {
 pub(crate) fn try_acquire(word: &AtomicU64, cap: u32, force: bool) -> Fast {
     let mut current = word.load(Ordering::Acquire);
     loop {
-        if current == FROZEN || current & QUEUED != 0 {
+        if current & SLOW != 0 {
             return Fast::Slow;
         }
         let in_use = count(current);
@@ -80,7 +79,7 @@ pub(crate) fn try_acquire(word: &AtomicU64, cap: u32, force: bool) -> Fast {
 pub(crate) fn try_release(word: &AtomicU64) -> Fast {
     let mut current = word.load(Ordering::Acquire);
     loop {
-        if current == FROZEN || current & QUEUED != 0 {
+        if current & SLOW != 0 {
             return Fast::Slow;
         }
         debug_assert!(count(current) > 0, "released more than acquired");
@@ -269,7 +268,9 @@ mod tests {
         assert_eq!(try_acquire(&word, 2, true), Fast::Done(2));
         assert_eq!(try_release(&word), Fast::Done(3));
         assert_eq!(count(word.load(Ordering::Relaxed)), 2);
-        word.store(FROZEN, Ordering::Relaxed);
+        word.store(u64::MAX, Ordering::Relaxed);
+        assert_eq!(try_acquire(&word, 2, false), Fast::Slow);
+        word.store(RESERVED, Ordering::Relaxed);
         assert_eq!(try_acquire(&word, 2, false), Fast::Slow);
         assert_eq!(try_release(&word), Fast::Slow);
     }

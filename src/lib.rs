@@ -78,6 +78,7 @@ macro_rules! not_loom {
 }
 
 mod gate;
+mod inflight;
 mod sync;
 
 not_loom! {
@@ -89,7 +90,6 @@ not_loom! {
     mod gcra;
     mod hash;
     mod held;
-    mod inflight;
     pub mod key;
     mod limiter;
     mod memory;

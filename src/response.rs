@@ -99,7 +99,8 @@ pin_project! {
     #[project = KindProj]
     enum Kind<B> {
         Inner { #[pin] body: B },
-        Full { data: Option<Bytes> },
+        // Boxed: rejections are rare, and every response carries the enum.
+        Full { data: Option<Box<Bytes>> },
     }
 }
 
@@ -121,7 +122,7 @@ impl<B> ResponseBody<B> {
     pub(crate) fn full(data: Bytes) -> Self {
         Self {
             kind: Kind::Full {
-                data: (!data.is_empty()).then_some(data),
+                data: (!data.is_empty()).then(|| Box::new(data)),
             },
             guard: None,
         }
@@ -134,7 +135,7 @@ impl<B> std::fmt::Debug for ResponseBody<B> {
             Kind::Inner { .. } => f.write_str("ResponseBody::Inner"),
             Kind::Full { data } => f
                 .debug_struct("ResponseBody::Rejection")
-                .field("len", &data.as_ref().map_or(0, Bytes::len))
+                .field("len", &data.as_ref().map_or(0, |d| d.len()))
                 .finish(),
         }
     }
@@ -161,7 +162,7 @@ where
                 }
                 frame
             }
-            KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(*d)))),
         }
     }
 

@@ -10,6 +10,13 @@ pub(crate) use std::sync::Arc;
 #[cfg(not(floodgate_loom))]
 pub(crate) use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
+/// The guard of [`Mutex`].
+#[cfg(not(floodgate_loom))]
+pub(crate) type MutexGuard<'a, T> = parking_lot::MutexGuard<'a, T>;
+/// The guard of [`Mutex`].
+#[cfg(floodgate_loom)]
+pub(crate) type MutexGuard<'a, T> = loom::sync::MutexGuard<'a, T>;
+
 /// A mutex without poisoning: `lock` returns the guard.
 #[derive(Debug, Default)]
 pub(crate) struct Mutex<T>(
@@ -26,12 +33,12 @@ impl<T> Mutex<T> {
     }
 
     #[cfg(not(floodgate_loom))]
-    pub(crate) fn lock(&self) -> parking_lot::MutexGuard<'_, T> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
         self.0.lock()
     }
 
     #[cfg(floodgate_loom)]
-    pub(crate) fn lock(&self) -> loom::sync::MutexGuard<'_, T> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
         match self.0.lock() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),

@@ -1,8 +1,6 @@
 //! A sharded, capped table of one `AtomicU64` per tenant, read without locks.
 //!
-//! Both the GCRA store (a theoretical arrival time per tenant) and the
-//! in-flight counters of the concurrency and shedding layers (a count per
-//! tenant) live in it.
+//! The GCRA store (a theoretical arrival time per tenant) lives in it.
 //!
 //! # Layout
 //!
@@ -157,9 +155,7 @@ pub(crate) trait Retention {
     fn eviction_order(&self, value: u64) -> Option<u64>;
 }
 
-struct ShardState<S> {
-    /// What the table's user keeps per shard, under the shard's mutex.
-    payload: S,
+struct ShardState {
     /// The shard's current table (the one in the latest snapshot).
     table: Arc<Table>,
     /// Slots in use in it.
@@ -169,17 +165,16 @@ struct ShardState<S> {
 }
 
 #[repr(align(128))]
-struct Shard<S> {
-    state: Mutex<ShardState<S>>,
+struct Shard {
+    state: Mutex<ShardState>,
 }
 
-/// The table. `E` travels in every snapshot; each shard keeps an `S`
-/// under its mutex.
-pub(crate) struct ShardedTable<E, S = ()> {
+/// The table. `E` travels in every snapshot.
+pub(crate) struct ShardedTable<E> {
     snapshot: ArcSwap<Snapshot<E>>,
     /// Serialises the publication of new snapshots.
     publish: Mutex<()>,
-    shards: Box<[Shard<S>]>,
+    shards: Box<[Shard]>,
     shard_cap: usize,
     max_slots: usize,
 }
@@ -191,7 +186,7 @@ pub(crate) struct Evictions {
     pub(crate) active: u64,
 }
 
-impl<E: Clone, S: Default> ShardedTable<E, S> {
+impl<E: Clone> ShardedTable<E> {
     pub(crate) fn new(max_tenants: usize, extra: E) -> Self {
         let max_tenants = max_tenants.max(1);
         let cpus = std::thread::available_parallelism().map_or(4, usize::from);
@@ -217,7 +212,6 @@ impl<E: Clone, S: Default> ShardedTable<E, S> {
             shards: (0..shards)
                 .map(|_| Shard {
                     state: Mutex::new(ShardState {
-                        payload: S::default(),
                         table: Arc::clone(&empty),
                         live: 0,
                         evicted_idle: 0,
@@ -254,7 +248,7 @@ impl<E: Clone, S: Default> ShardedTable<E, S> {
     /// Locks the shard of `fp`, for the slow path. While it is held, the
     /// shard's current table is not rebuilt by anyone else, so its slots
     /// are not frozen.
-    pub(crate) fn lock(&self, fp: u64) -> Locked<'_, E, S> {
+    pub(crate) fn lock(&self, fp: u64) -> Locked<'_, E> {
         let shard = shard_of(fp, self.shards.len() - 1);
         Locked {
             table: self,
@@ -293,13 +287,6 @@ impl<E: Clone, S: Default> ShardedTable<E, S> {
         self.shards.iter().map(|s| s.state.lock().live).sum()
     }
 
-    /// Folds `f` over every shard's payload, one shard locked at a time.
-    pub(crate) fn fold_payload<A>(&self, init: A, mut f: impl FnMut(A, &S) -> A) -> A {
-        self.shards
-            .iter()
-            .fold(init, |acc, shard| f(acc, &shard.state.lock().payload))
-    }
-
     pub(crate) fn evictions(&self) -> Evictions {
         self.shards.iter().fold(Evictions::default(), |acc, s| {
             let state = s.state.lock();
@@ -320,7 +307,7 @@ impl<E: Clone, S: Default> ShardedTable<E, S> {
     fn rebuild(
         &self,
         shard: usize,
-        state: &mut ShardState<S>,
+        state: &mut ShardState,
         retention: &impl Retention,
         room: usize,
     ) {
@@ -412,22 +399,16 @@ impl<E: Clone, S: Default> ShardedTable<E, S> {
 }
 
 /// A shard of the table, locked.
-pub(crate) struct Locked<'a, E, S> {
-    table: &'a ShardedTable<E, S>,
+pub(crate) struct Locked<'a, E> {
+    table: &'a ShardedTable<E>,
     shard: usize,
-    state: MutexGuard<'a, ShardState<S>>,
+    state: MutexGuard<'a, ShardState>,
 }
 
-impl<E: Clone, S: Default> Locked<'_, E, S> {
+impl<E: Clone> Locked<'_, E> {
     /// The slot of `fp` in the shard's current table (never frozen).
     pub(crate) fn find(&self, fp: u64) -> Option<&Slot> {
         self.state.table.find(fp)
-    }
-
-    /// The slot of `fp`, and the shard's payload.
-    pub(crate) fn parts(&mut self, fp: u64) -> (Option<&Slot>, &mut S) {
-        let state = &mut *self.state;
-        (state.table.find(fp), &mut state.payload)
     }
 
     /// Inserts `fp` with `value`, making room as [`ShardedTable`] describes.

@@ -3,6 +3,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use arc_swap::ArcSwap;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -15,11 +17,13 @@ use crate::common::{KeyRules, MissingKey, Refusals};
 use crate::error::{ConcurrencyCapped, OverloadCause, Overloaded, Rejection};
 use crate::gate::Waiter;
 use crate::hash::tenant_hash;
-use crate::inflight::{Admission, Global, Tenants};
+use crate::inflight::{Admission, Global, Seat, Tenants};
 use crate::key::{Extension, KeyExtractor, TenantKey};
-use crate::limiter::DEFAULT_MAX_TENANTS;
 use crate::policy::{Plan, Policy, PolicyHandle, PolicyListener};
-use crate::table::fingerprint;
+
+/// How many tenants may have requests in flight or waiting at once unless
+/// configured.
+pub const DEFAULT_MAX_ACTIVE_TENANTS: usize = 16_384;
 
 /// How long clients are told to wait after a 503 unless configured.
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -50,6 +54,7 @@ pub(super) struct Config {
 pub(crate) struct Runtime {
     /// Whether any plan caps tenants (else the tenant need not be known).
     per_tenant: AtomicBool,
+    policy: ArcSwap<Policy>,
     tenants: Tenants,
     global: Global,
     refusals: Refusals,
@@ -62,18 +67,19 @@ pub(crate) struct Runtime {
 
 impl PolicyListener for Runtime {
     fn policy_changed(&self, _old: &Policy, new: &Arc<Policy>) {
-        self.tenants.set_policy(Arc::clone(new));
+        self.policy.store(Arc::clone(new));
         self.per_tenant
             .store(new.any_concurrency(), Ordering::Release);
     }
 }
 
 impl Runtime {
-    fn new(policy: &PolicyHandle, max_tenants: usize) -> Arc<Self> {
+    fn new(policy: &PolicyHandle, max_active: usize) -> Arc<Self> {
         let seen = policy.current();
         let runtime = Arc::new(Self {
             per_tenant: AtomicBool::new(seen.any_concurrency()),
-            tenants: Tenants::new(max_tenants, Arc::clone(&seen), false),
+            policy: ArcSwap::new(Arc::clone(&seen)),
+            tenants: Tenants::new(max_active, false),
             global: Global::default(),
             refusals: Refusals::default(),
             clock: Clock::monotonic(),
@@ -103,7 +109,7 @@ impl ConcurrencyCapLayer {
     pub fn new(policy: impl Into<PolicyHandle>) -> Self {
         let policy = policy.into();
         Self {
-            runtime: Runtime::new(&policy, DEFAULT_MAX_TENANTS),
+            runtime: Runtime::new(&policy, DEFAULT_MAX_ACTIVE_TENANTS),
             policy,
             key: Extension::default(),
             config: Config {
@@ -167,13 +173,13 @@ impl<K> ConcurrencyCapLayer<K> {
         self
     }
 
-    /// The most tenants tracked at once (default
-    /// [`DEFAULT_MAX_TENANTS`](crate::DEFAULT_MAX_TENANTS)). Only tenants with
-    /// requests in flight or waiting need a place; when every place is
-    /// taken by one, newcomers are refused as over their cap. Starts a fresh
-    /// state: call it before cloning the layer.
+    /// About how many tenants may have requests in flight or waiting at
+    /// once (default [`DEFAULT_MAX_ACTIVE_TENANTS`]); each takes a 16-byte
+    /// seat in a table of twice that size, allocated up front. A tenant that
+    /// finds no free seat near its place is refused as over its cap. Starts
+    /// a fresh state: call it before cloning the layer.
     #[must_use]
-    pub fn max_tenants(mut self, max: usize) -> Self {
+    pub fn max_active_tenants(mut self, max: usize) -> Self {
         let shadow = self.is_shadow();
         self.runtime = Runtime::new(&self.policy, max);
         self.set_shadow(shadow);
@@ -204,7 +210,7 @@ impl<K> ConcurrencyCapLayer<K> {
     #[must_use]
     pub fn stats(&self) -> ConcurrencyStats {
         let r = &*self.runtime;
-        let (tenants_in_flight, tenants_waiting) = r.tenants.totals();
+        let (tenants_in_flight, tenants_waiting, tracked_tenants) = r.tenants.totals();
         ConcurrencyStats {
             tenant_capped: r.tenant_capped.load(Ordering::Relaxed),
             global_capped: r.global_capped.load(Ordering::Relaxed),
@@ -214,7 +220,7 @@ impl<K> ConcurrencyCapLayer<K> {
             tenants_in_flight,
             global_in_flight: r.global.in_flight(),
             waiting: tenants_waiting + r.global.waiting() as u64,
-            tracked_tenants: r.tenants.tracked(),
+            tracked_tenants,
         }
     }
 
@@ -331,7 +337,7 @@ pub struct ConcurrencyStats {
     pub global_in_flight: u32,
     /// Requests waiting in a queue now.
     pub waiting: u64,
-    /// Tenants with a slot in the table now.
+    /// Tenants with a request in flight now.
     pub tracked_tenants: usize,
 }
 
@@ -358,9 +364,8 @@ impl<K> Shared<K> {
         if !runtime.per_tenant.load(Ordering::Acquire) {
             // No plan caps tenants: only the global cap applies, and the
             // tenant does not matter.
-            return self.admit_global(None, Permit::empty(), 0);
+            return self.admit_global(None, Permit::empty());
         }
-        let snapshot = runtime.tenants.snapshot();
         let tenant = match self.config.keys.tenant(&self.key, req) {
             Ok(tenant) => tenant,
             Err(rejection) => {
@@ -378,22 +383,22 @@ impl<K> Shared<K> {
         };
         let bytes = tenant.as_bytes();
         let hash = tenant_hash(bytes);
-        let fp = fingerprint(hash);
         let mut permit = Permit::empty();
-        let plan = snapshot.extra.plan_for_hashed(hash, bytes);
+        let policy = runtime.policy.load();
+        let plan = policy.plan_for_hashed(hash, bytes);
         if let Some(cap) = plan.concurrency_limit() {
-            match runtime.tenants.acquire(&snapshot, fp, cap, shadow, max_queue) {
-                Admission::Granted => {
-                    permit.hold_tenant(runtime, fp);
-                    if shadow && runtime.tenants.in_flight(&snapshot, fp) > cap {
+            match runtime.tenants.acquire(hash, cap, shadow, max_queue) {
+                Admission::Granted(seat) => {
+                    permit.hold_tenant(runtime, seat);
+                    if shadow && runtime.tenants.in_flight(hash) > cap {
                         let rejection = capped(&tenant, plan, cap, false);
                         runtime.refuse(&rejection, &runtime.tenant_capped);
                     }
                 }
-                Admission::Wait(waiter) => {
+                Admission::Wait(waiter, seat) => {
                     return Admit::Wait(Box::new(Ticket {
                         runtime: Arc::clone(runtime),
-                        fp,
+                        seat: Some(seat),
                         permit,
                         stage: Stage::Tenant,
                         waiter: Some(waiter),
@@ -413,16 +418,11 @@ impl<K> Shared<K> {
                 }
             }
         }
-        self.admit_global(Some((&tenant, plan)), permit, fp)
+        self.admit_global(Some((&tenant, plan)), permit)
     }
 
     /// The global cap's part of `admit`.
-    fn admit_global(
-        &self,
-        tenant: Option<(&TenantKey, &Plan)>,
-        mut permit: Permit,
-        fp: u64,
-    ) -> Admit {
+    fn admit_global(&self, tenant: Option<(&TenantKey, &Plan)>, mut permit: Permit) -> Admit {
         let runtime = &self.runtime;
         let Some(cap) = self.config.global_cap else {
             return Admit::Now(permit);
@@ -434,7 +434,7 @@ impl<K> Shared<K> {
         };
         let key = tenant.map(|(t, _)| t);
         match runtime.global.acquire(cap, shadow, max_queue) {
-            Admission::Granted => {
+            Admission::Granted(_) => {
                 permit.hold_global(runtime);
                 if shadow && runtime.global.in_flight() > cap {
                     let rejection = overloaded(key, cap, false, &self.config);
@@ -442,11 +442,11 @@ impl<K> Shared<K> {
                 }
                 Admit::Now(permit)
             }
-            Admission::Wait(waiter) => {
+            Admission::Wait(waiter, _) => {
                 let (tenant, plan) = tenant.map(|(t, p)| (t.clone(), p.clone())).unzip();
                 Admit::Wait(Box::new(Ticket {
                     runtime: Arc::clone(runtime),
-                    fp,
+                    seat: None,
                     permit,
                     stage: Stage::Global,
                     waiter: Some(waiter),
@@ -493,8 +493,7 @@ fn overloaded(tenant: Option<&TenantKey>, cap: u32, queued: bool, config: &Confi
 /// unit of the global count, or both. Dropping it returns them.
 pub(crate) struct Permit {
     runtime: Option<Arc<Runtime>>,
-    fp: u64,
-    tenant: bool,
+    seat: Option<Seat>,
     global: bool,
 }
 
@@ -502,16 +501,14 @@ impl Permit {
     fn empty() -> Self {
         Self {
             runtime: None,
-            fp: 0,
-            tenant: false,
+            seat: None,
             global: false,
         }
     }
 
-    fn hold_tenant(&mut self, runtime: &Arc<Runtime>, fp: u64) {
+    fn hold_tenant(&mut self, runtime: &Arc<Runtime>, seat: Seat) {
         self.runtime.get_or_insert_with(|| Arc::clone(runtime));
-        self.fp = fp;
-        self.tenant = true;
+        self.seat = Some(seat);
     }
 
     fn hold_global(&mut self, runtime: &Arc<Runtime>) {
@@ -521,7 +518,7 @@ impl Permit {
 
     /// Whether it holds nothing.
     pub(crate) fn is_empty(&self) -> bool {
-        !self.tenant && !self.global
+        self.seat.is_none() && !self.global
     }
 }
 
@@ -531,8 +528,8 @@ impl Drop for Permit {
             if self.global {
                 runtime.global.release();
             }
-            if self.tenant {
-                runtime.tenants.release(self.fp);
+            if let Some(seat) = self.seat {
+                runtime.tenants.release(seat);
             }
         }
     }
@@ -541,7 +538,7 @@ impl Drop for Permit {
 impl fmt::Debug for Permit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Permit")
-            .field("tenant", &self.tenant)
+            .field("tenant", &self.seat.is_some())
             .field("global", &self.global)
             .finish()
     }
@@ -557,7 +554,8 @@ enum Stage {
 /// returns whatever it holds.
 pub(crate) struct Ticket {
     runtime: Arc<Runtime>,
-    fp: u64,
+    /// The tenant's seat, while waiting for a unit of its count.
+    seat: Option<Seat>,
     permit: Permit,
     stage: Stage,
     waiter: Option<Arc<Waiter>>,
@@ -577,17 +575,17 @@ impl Ticket {
             };
             if waiter.register(cx.waker()) {
                 self.waiter = None;
-                match self.stage {
-                    Stage::Tenant => self.permit.hold_tenant(&self.runtime, self.fp),
-                    Stage::Global => self.permit.hold_global(&self.runtime),
+                match (self.stage, self.seat) {
+                    (Stage::Tenant, Some(seat)) => self.permit.hold_tenant(&self.runtime, seat),
+                    _ => self.permit.hold_global(&self.runtime),
                 }
                 if self.stage == Stage::Tenant
                     && let Some(cap) = self.config.global_cap
                 {
                     let max_queue = self.config.queue.map_or(0, |(max, _)| max);
                     match self.runtime.global.acquire(cap, false, max_queue) {
-                        Admission::Granted => self.permit.hold_global(&self.runtime),
-                        Admission::Wait(waiter) => {
+                        Admission::Granted(_) => self.permit.hold_global(&self.runtime),
+                        Admission::Wait(waiter, _) => {
                             self.stage = Stage::Global;
                             self.waiter = Some(waiter);
                             continue;
@@ -639,9 +637,9 @@ impl Ticket {
 
     fn withdraw(&mut self) {
         if let Some(waiter) = self.waiter.take() {
-            match self.stage {
-                Stage::Tenant => self.runtime.tenants.cancel(self.fp, &waiter),
-                Stage::Global => self.runtime.global.cancel(&waiter),
+            match (self.stage, self.seat) {
+                (Stage::Tenant, Some(seat)) => self.runtime.tenants.cancel(seat, &waiter),
+                _ => self.runtime.global.cancel(&waiter),
             }
         }
     }

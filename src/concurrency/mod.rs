@@ -55,7 +55,9 @@
 mod layer;
 mod service;
 
-pub use self::layer::{ConcurrencyCapLayer, ConcurrencyStats, GenericConcurrencyCapLayer};
+pub use self::layer::{
+    ConcurrencyCapLayer, ConcurrencyStats, DEFAULT_MAX_ACTIVE_TENANTS, GenericConcurrencyCapLayer,
+};
 pub(crate) use self::layer::{Permit, Ticket};
 pub use self::service::{ConcurrencyCap, GenericConcurrencyCap};
 pub use crate::held::{GenericResponseFuture, ResponseFuture};

@@ -3,7 +3,9 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use arc_swap::ArcSwap;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -17,13 +19,12 @@ use crate::clock::Clock;
 use crate::common::Refusals;
 use crate::error::{OverloadCause, Overloaded, Rejection, ShedReason};
 use crate::gate::{self, Fast, QUEUED, Waiter};
+use crate::concurrency::DEFAULT_MAX_ACTIVE_TENANTS;
 use crate::hash::tenant_hash;
-use crate::inflight::{Admission, Tenants};
+use crate::inflight::{Admission, Seat, Tenants};
 use crate::key::{Extension, KeyExtractor, TenantKey};
-use crate::limiter::DEFAULT_MAX_TENANTS;
 use crate::policy::{Plan, Policy, PolicyHandle, PolicyListener};
 use crate::sync::{AtomicU64 as GateWord, Mutex};
-use crate::table::fingerprint;
 
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
 
@@ -39,8 +40,9 @@ pub struct LoadShedLayer<K = Extension<TenantKey>, P = FromExtension> {
 /// The knobs; copied into every service.
 #[derive(Debug, Clone, Copy)]
 struct Config {
-    critical_reserve: f64,
-    sheddable_share: f64,
+    /// Shares in parts per 65 536, so that ceilings are integer arithmetic.
+    critical_reserve: u32,
+    sheddable_share: u32,
     fairness: bool,
     queue: Option<(usize, CoDel)>,
     retry_after: Duration,
@@ -53,6 +55,9 @@ pub(crate) struct Runtime {
     /// Requests in flight, as a gate word (count and `QUEUED`).
     word: GateWord,
     queues: Mutex<Queues>,
+    /// Whether any plan sets a priority (else the policy need not be read).
+    plan_priorities: AtomicBool,
+    policy: ArcSwap<Policy>,
     tenants: Tenants,
     refusals: Refusals,
     clock: Clock,
@@ -81,7 +86,9 @@ impl Queues {
 
 impl PolicyListener for Runtime {
     fn policy_changed(&self, _old: &Policy, new: &Arc<Policy>) {
-        self.tenants.set_policy(Arc::clone(new));
+        self.policy.store(Arc::clone(new));
+        self.plan_priorities
+            .store(new.any_priority(), Ordering::Release);
     }
 }
 
@@ -93,7 +100,9 @@ impl Runtime {
             controller: Controller::new(limit),
             word: GateWord::new(0),
             queues: Mutex::new(Queues::default()),
-            tenants: Tenants::new(DEFAULT_MAX_TENANTS, Arc::clone(&seen), true),
+            plan_priorities: AtomicBool::new(seen.any_priority()),
+            policy: ArcSwap::new(Arc::clone(&seen)),
+            tenants: Tenants::new(DEFAULT_MAX_ACTIVE_TENANTS, true),
             refusals: Refusals::default(),
             clock,
             shed_capacity: AtomicU64::new(0),
@@ -109,13 +118,13 @@ impl Runtime {
     /// of it for critical ones, all but the (rounded down) reserve for
     /// normal ones, a share of that for sheddable ones.
     fn ceiling(&self, priority: Priority, limit: u32) -> u32 {
-        let reserve = (f64::from(limit) * self.config.critical_reserve).floor() as u32;
+        let reserve = share_of(limit, self.config.critical_reserve);
         let normal = limit.saturating_sub(reserve);
         match priority {
             Priority::Critical => limit,
             Priority::Normal => normal,
             Priority::Sheddable => {
-                (f64::from(normal) * self.config.sheddable_share).floor() as u32
+                share_of(normal, self.config.sheddable_share)
             }
         }
     }
@@ -221,6 +230,17 @@ impl Runtime {
     }
 }
 
+/// A share in `0.0..=1.0` as parts per 65 536.
+fn to_share(share: f64) -> u32 {
+    (share.clamp(0.0, 1.0) * 65_536.0).round() as u32
+}
+
+/// `share` (parts per 65 536) of `n`, rounded down.
+#[inline]
+fn share_of(n: u32, share: u32) -> u32 {
+    ((u64::from(n) * u64::from(share)) >> 16) as u32
+}
+
 impl LoadShedLayer {
     /// A shedder admitting at most `limit` requests in flight, with the
     /// default priorities (critical traffic keeps 10% of the capacity,
@@ -232,8 +252,8 @@ impl LoadShedLayer {
     pub fn new(limit: Limit) -> Self {
         let policy = PolicyHandle::new(Policy::new(Plan::new("default")));
         let config = Config {
-            critical_reserve: 0.1,
-            sheddable_share: 0.5,
+            critical_reserve: to_share(0.1),
+            sheddable_share: to_share(0.5),
             fairness: true,
             queue: None,
             retry_after: DEFAULT_RETRY_AFTER,
@@ -308,14 +328,14 @@ impl<K, P> LoadShedLayer<K, P> {
     /// The share of the limit only critical requests may use (default 0.1).
     #[must_use]
     pub fn critical_reserve(self, share: f64) -> Self {
-        self.rebuild(|c| c.critical_reserve = share.clamp(0.0, 1.0))
+        self.rebuild(|c| c.critical_reserve = to_share(share))
     }
 
     /// The share of the non-reserved capacity sheddable requests may use
     /// (default 0.5).
     #[must_use]
     pub fn sheddable_share(self, share: f64) -> Self {
-        self.rebuild(|c| c.sheddable_share = share.clamp(0.0, 1.0))
+        self.rebuild(|c| c.sheddable_share = to_share(share))
     }
 
     /// Whether, once three quarters of a priority's capacity is in use,
@@ -515,29 +535,30 @@ impl<K, P> Shared<K, P> {
         // Time is only needed to measure latency and waits.
         let timed = runtime.controller.is_adaptive() || config.queue.is_some();
         let now = if timed { runtime.clock.now_nanos() } else { 0 };
-        let snapshot = runtime.tenants.snapshot();
+        let plan_priorities = runtime.plan_priorities.load(Ordering::Acquire);
         // The tenant is only needed for fairness and for plan priorities.
-        let tenant = if config.fairness || snapshot.extra.any_priority() {
+        let tenant = if config.fairness || plan_priorities {
             self.key.extract(req).ok()
         } else {
             None
         };
-        let (hash, plan) = match &tenant {
-            Some(tenant) => {
-                let hash = tenant_hash(tenant.as_bytes());
-                (hash, Some(snapshot.extra.plan_for_hashed(hash, tenant.as_bytes())))
-            }
-            None => (0, None),
+        let hash = tenant.as_ref().map(|t| tenant_hash(t.as_bytes()));
+        let priority = match self.priority.priority(req) {
+            Some(priority) => priority,
+            None => match (&tenant, hash) {
+                (Some(tenant), Some(hash)) if plan_priorities => runtime
+                    .policy
+                    .load()
+                    .plan_for_hashed(hash, tenant.as_bytes())
+                    .request_priority()
+                    .unwrap_or_default(),
+                _ => Priority::Normal,
+            },
         };
-        let priority = self
-            .priority
-            .priority(req)
-            .or_else(|| plan.and_then(Plan::request_priority))
-            .unwrap_or(Priority::Normal);
         let limit = runtime.controller.limit();
         let ceiling = runtime.ceiling(priority, limit);
         let shadow = runtime.refusals.is_shadow();
-        let fp = tenant.as_ref().map(|_| fingerprint(hash));
+        let fp = if config.fairness { hash } else { None };
 
         // Fairness: under pressure, tenants at or above their share wait
         // for the light ones.
@@ -549,7 +570,7 @@ impl<K, P> Shared<K, P> {
         {
             let active = runtime.tenants.active().max(1);
             let share = u64::from(ceiling).div_ceil(active).max(1);
-            if u64::from(runtime.tenants.in_flight(&snapshot, fp)) >= share {
+            if u64::from(runtime.tenants.in_flight(fp)) >= share {
                 let rejection = runtime.overloaded(
                     tenant.as_ref(),
                     priority,
@@ -565,18 +586,16 @@ impl<K, P> Shared<K, P> {
 
         let mut permit = Permit {
             runtime: Some(Arc::clone(runtime)),
-            fp: None,
+            seat: None,
             global: false,
             started: now,
         };
         if let Some(fp) = fp
-            && config.fairness
-            && let Admission::Granted = runtime.tenants.acquire(&snapshot, fp, u32::MAX, true, 0)
+            && let Admission::Granted(seat) = runtime.tenants.acquire(fp, u32::MAX, true, 0)
         {
             // Counted for fairness only: no cap.
-            permit.fp = Some(fp);
+            permit.seat = Some(seat);
         }
-        drop(snapshot);
 
         match gate::try_acquire(&runtime.word, ceiling, shadow) {
             Fast::Done(_) => {
@@ -665,7 +684,7 @@ impl<K, P> Shared<K, P> {
 /// its tenant's count. Dropping it returns them.
 pub(crate) struct Permit {
     runtime: Option<Arc<Runtime>>,
-    fp: Option<u64>,
+    seat: Option<Seat>,
     global: bool,
     started: u64,
 }
@@ -673,7 +692,7 @@ pub(crate) struct Permit {
 impl Permit {
     /// Whether it holds nothing.
     pub(crate) fn is_empty(&self) -> bool {
-        !self.global && self.fp.is_none()
+        !self.global && self.seat.is_none()
     }
 
     /// The response is ready: its latency feeds the adaptive limit.
@@ -694,8 +713,8 @@ impl Drop for Permit {
             if self.global {
                 runtime.release();
             }
-            if let Some(fp) = self.fp {
-                runtime.tenants.release(fp);
+            if let Some(seat) = self.seat {
+                runtime.tenants.release(seat);
             }
         }
     }
@@ -705,7 +724,7 @@ impl fmt::Debug for Permit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Permit")
             .field("global", &self.global)
-            .field("tenant", &self.fp.is_some())
+            .field("tenant", &self.seat.is_some())
             .finish()
     }
 }
@@ -759,7 +778,7 @@ impl Ticket {
             &mut self.permit,
             Permit {
                 runtime: None,
-                fp: None,
+                seat: None,
                 global: false,
                 started: 0,
             },
