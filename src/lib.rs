@@ -94,6 +94,7 @@ not_loom! {
     mod limiter;
     mod memory;
     pub mod policy;
+    pub mod purge;
     mod quota;
     pub mod rate_limit;
     pub mod response;
