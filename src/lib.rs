@@ -16,10 +16,13 @@
 //! * **Load shedding** ([`LoadShedLayer`]): protects the process, with a
 //!   fixed or adaptive limit, CoDel, priorities and fairness between
 //!   tenants.
+//! * **Purge batching and coalescing** ([`purge::PurgeBatcher`],
+//!   [`coalesce::CoalesceLayer`]): a flood of identical purges costs the
+//!   backend a couple of calls, never one per request.
 //!
 //! The layers go in that order, outermost first: who (the key), how often
 //! (rate limit), how many at once (concurrency cap), is the server ok
-//! (load shed), then your service. Each is usable alone, and all share one
+//! (load shed), is this already pending (coalesce), then your service. Each is usable alone, and all share one
 //! [`PolicyHandle`].
 //!
 //! # Quick start (axum)
@@ -83,6 +86,7 @@ mod sync;
 
 not_loom! {
     pub mod clock;
+    pub mod coalesce;
     mod common;
     pub mod concurrency;
     pub mod cost;

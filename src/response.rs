@@ -101,6 +101,8 @@ pin_project! {
         Inner { #[pin] body: B },
         // Boxed: rejections are rare, and every response carries the enum.
         Full { data: Option<Box<Bytes>> },
+        // The start of a body already read, then the rest of it.
+        Prefixed { prefix: Option<Box<Bytes>>, #[pin] body: B },
     }
 }
 
@@ -116,6 +118,16 @@ impl<B> ResponseBody<B> {
         Self {
             kind: Kind::Inner { body },
             guard: Some(guard),
+        }
+    }
+
+    pub(crate) fn prefixed(prefix: Bytes, body: B) -> Self {
+        Self {
+            kind: Kind::Prefixed {
+                prefix: (!prefix.is_empty()).then(|| Box::new(prefix)),
+                body,
+            },
+            guard: None,
         }
     }
 
@@ -137,6 +149,7 @@ impl<B> std::fmt::Debug for ResponseBody<B> {
                 .debug_struct("ResponseBody::Rejection")
                 .field("len", &data.as_ref().map_or(0, |d| d.len()))
                 .finish(),
+            Kind::Prefixed { .. } => f.write_str("ResponseBody::Prefixed"),
         }
     }
 }
@@ -163,6 +176,10 @@ where
                 frame
             }
             KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(*d)))),
+            KindProj::Prefixed { prefix, body } => match prefix.take() {
+                Some(prefix) => Poll::Ready(Some(Ok(Frame::data(*prefix)))),
+                None => body.poll_frame(cx),
+            },
         }
     }
 
@@ -170,6 +187,7 @@ where
         match &self.kind {
             Kind::Inner { body } => body.is_end_stream(),
             Kind::Full { data } => data.is_none(),
+            Kind::Prefixed { prefix, body } => prefix.is_none() && body.is_end_stream(),
         }
     }
 
@@ -178,6 +196,16 @@ where
             Kind::Inner { body } => body.size_hint(),
             Kind::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            Kind::Prefixed { prefix, body } => {
+                let start = prefix.as_ref().map_or(0, |p| p.len() as u64);
+                let rest = body.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower().saturating_add(start));
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper.saturating_add(start));
+                }
+                hint
             }
         }
     }
@@ -372,7 +400,7 @@ fn json_member(out: &mut String, name: &str, value: &str) {
     json_string(out, value);
 }
 
-fn json_string(out: &mut String, s: &str) {
+pub(crate) fn json_string(out: &mut String, s: &str) {
     out.push('"');
     for c in s.chars() {
         match c {
