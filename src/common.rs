@@ -124,7 +124,7 @@ impl Refusals {
 
 /// Lets one log event through per second; counts the others.
 #[derive(Debug, Default)]
-struct LogGate {
+pub(crate) struct LogGate {
     next: AtomicU64,
     suppressed: AtomicU64,
 }
@@ -133,7 +133,7 @@ impl LogGate {
     const INTERVAL: u64 = 1_000_000_000;
 
     /// `Some(events suppressed since the last one)` if this one may log.
-    fn pass(&self, now: u64) -> Option<u64> {
+    pub(crate) fn pass(&self, now: u64) -> Option<u64> {
         let next = self.next.load(Ordering::Relaxed);
         if now >= next
             && self

@@ -66,6 +66,9 @@ impl Rejection {
     #[must_use]
     pub fn status(&self) -> StatusCode {
         match self {
+            Self::RateLimited(limited) if limited.reason() == DenyReason::StoreUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::RateLimited(_) | Self::ConcurrencyCapped(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::MissingKey { status, .. } => *status,
@@ -79,6 +82,9 @@ impl Rejection {
     #[must_use]
     pub fn grpc_code(&self) -> GrpcCode {
         match self {
+            Self::RateLimited(limited) if limited.reason() == DenyReason::StoreUnavailable => {
+                GrpcCode::Unavailable
+            }
             Self::RateLimited(_) | Self::ConcurrencyCapped(_) => GrpcCode::ResourceExhausted,
             Self::Overloaded(_) => GrpcCode::Unavailable,
             Self::MissingKey { status, .. } if *status == StatusCode::UNAUTHORIZED => {

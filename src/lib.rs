@@ -100,6 +100,9 @@ not_loom! {
     pub mod policy;
     pub mod purge;
     mod quota;
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub mod redis;
     pub mod rate_limit;
     pub mod response;
     pub mod shed;

@@ -8,6 +8,7 @@ use crate::clock::Clock;
 use crate::gcra::{self, Step};
 use crate::hash::tenant_hash;
 use crate::memory::MemoryStore;
+use crate::key::TenantKey;
 use crate::policy::{Plan, Policy, PolicyHandle, PolicyListener};
 use crate::quota::Quota;
 
@@ -51,8 +52,11 @@ pub struct RateLimiter {
 
 struct Inner {
     policy: PolicyHandle,
+    /// The limiter, in memory; with Redis, the local fallback.
     store: MemoryStore,
     clock: Clock,
+    #[cfg(feature = "redis")]
+    remote: Option<Remote>,
 }
 
 /// Configures a [`RateLimiter`].
@@ -61,6 +65,8 @@ pub struct RateLimiterBuilder {
     policy: PolicyHandle,
     max_tenants: usize,
     clock: Option<Clock>,
+    #[cfg(feature = "redis")]
+    redis: Option<crate::redis::RedisStore>,
 }
 
 impl RateLimiterBuilder {
@@ -79,6 +85,16 @@ impl RateLimiterBuilder {
         self
     }
 
+    /// Keeps the limits in Redis, for a fleet (feature `redis`): see
+    /// [`redis`](crate::redis). The in-memory table then serves as the
+    /// local fallback.
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub fn redis(mut self, store: crate::redis::RedisStore) -> Self {
+        self.redis = Some(store);
+        self
+    }
+
     /// The limiter.
     pub fn build(self) -> RateLimiter {
         let seen = self.policy.current();
@@ -86,6 +102,12 @@ impl RateLimiterBuilder {
             store: MemoryStore::new(self.max_tenants, Arc::clone(&seen)),
             policy: self.policy,
             clock: self.clock.unwrap_or_default(),
+            #[cfg(feature = "redis")]
+            remote: self.redis.map(|store| Remote {
+                deny_cache: MemoryStore::new(store.config.deny_cache_tenants, Arc::clone(&seen)),
+                backend: crate::redis::RedisBackend::new(store),
+                log: crate::common::LogGate::default(),
+            }),
         });
         let listener: Arc<dyn PolicyListener> = inner.clone();
         inner.policy.subscribe(&listener, &seen);
@@ -118,10 +140,17 @@ impl RateLimiter {
             policy: policy.into(),
             max_tenants: DEFAULT_MAX_TENANTS,
             clock: None,
+            #[cfg(feature = "redis")]
+            redis: None,
         }
     }
 
-    /// Charges `tenant` `cost` units if its quota allows, now.
+    /// Charges `tenant` `cost` units if its quota allows, now, in memory.
+    ///
+    /// With a [Redis store](RateLimiterBuilder::redis) this cannot ask
+    /// Redis: it answers from the local deny cache, then as if Redis were
+    /// unreachable (the failure policy). Use [`check_async`](Self::check_async)
+    /// there.
     ///
     /// A cost of zero is always admitted (unless the tenant is over a quota
     /// that shrank at run time) and charges nothing: use it to read a
@@ -140,7 +169,8 @@ impl RateLimiter {
 
     /// Decides, then hands the plan in force and the result to `f` while the
     /// policy is still loaded (so that headers can name the plan without
-    /// cloning it).
+    /// cloning it). On Redis this is the local decision: the deny cache,
+    /// then the failure policy.
     #[inline]
     pub(crate) fn decide<R>(
         &self,
@@ -156,22 +186,84 @@ impl RateLimiter {
             return f(plan, Ok(Allowed { usage: None }));
         };
         let now = inner.clock.now_nanos();
+        #[cfg(feature = "redis")]
+        if let Some(remote) = &inner.remote {
+            let result = match remote.denied_locally(hash, now, cost, quota) {
+                Some(denied) => Err(denied),
+                None => self.fallback(&snapshot, hash, now, cost, quota),
+            };
+            return f(plan, result);
+        }
         let (step, tat) = inner.store.check(&snapshot, hash, now, cost, quota);
-        let usage = Usage::at(tat, now, quota);
-        let result = match step {
-            Step::Allow { .. } => Ok(Allowed { usage: Some(usage) }),
-            Step::Deny { wait } => Err(Denied {
-                usage,
-                cost,
-                retry_after: Some(Duration::from_nanos(wait)),
-            }),
-            Step::Impossible => Err(Denied {
-                usage,
-                cost,
-                retry_after: None,
-            }),
-        };
-        f(plan, result)
+        f(plan, outcome(step, tat, now, cost, quota))
+    }
+
+    /// Decides, at once when the store is in memory (or the deny cache
+    /// already knows), or after a round trip to Redis.
+    #[inline]
+    pub(crate) fn decide_deferred<R>(
+        &self,
+        hash: u64,
+        tenant: &TenantKey,
+        cost: u32,
+        f: impl FnOnce(&Plan, Result<Allowed, Denied>) -> R + Send + 'static,
+    ) -> Deferred<R>
+    where
+        R: Send + 'static,
+    {
+        #[cfg(feature = "redis")]
+        if let Some(remote) = &self.inner.remote {
+            let snapshot = self.inner.store.snapshot();
+            let plan = snapshot.extra.plan_for_hashed(hash, tenant.as_bytes());
+            let Some(quota) = plan.rate_quota().copied() else {
+                return Deferred::Now(f(plan, Ok(Allowed { usage: None })));
+            };
+            let now = self.inner.clock.now_nanos();
+            if let Some(denied) = remote.denied_locally(hash, now, cost, &quota) {
+                return Deferred::Now(f(plan, Err(denied)));
+            }
+            if cost > quota.burst() {
+                return Deferred::Now(f(plan, outcome(Step::Impossible, 0, now, cost, &quota)));
+            }
+            let plan = plan.clone();
+            drop(snapshot);
+            let this = self.clone();
+            let tenant = tenant.clone();
+            return Deferred::Later(Box::pin(async move {
+                let result = this.decide_remote(hash, &tenant, cost, &quota).await;
+                f(&plan, result)
+            }));
+        }
+        Deferred::Now(self.decide(hash, tenant.as_bytes(), cost, f))
+    }
+
+    /// Charges `tenant` `cost` units, asking the store whatever it is: at
+    /// once in memory, with a round trip to Redis (or its failure policy)
+    /// otherwise.
+    ///
+    /// # Errors
+    ///
+    /// [`Denied`], as for [`check`](Self::check).
+    pub async fn check_async(
+        &self,
+        tenant: impl AsRef<[u8]>,
+        cost: u32,
+    ) -> Result<Allowed, Denied> {
+        let tenant = TenantKey::copy_from_slice(tenant.as_ref());
+        let hash = tenant_hash(tenant.as_bytes());
+        match self.decide_deferred(hash, &tenant, cost, |_, result| result) {
+            Deferred::Now(result) => result,
+            Deferred::Later(future) => future.await,
+        }
+    }
+
+    /// Whether decisions go to a remote store (and may take a round trip).
+    #[inline]
+    pub(crate) fn is_remote(&self) -> bool {
+        #[cfg(feature = "redis")]
+        return self.inner.remote.is_some();
+        #[cfg(not(feature = "redis"))]
+        return false;
     }
 
     /// The policy this limiter applies; change it through the handle.
@@ -224,6 +316,11 @@ impl PolicyListener for Inner {
     fn policy_changed(&self, old: &Policy, new: &Arc<Policy>) {
         self.store.set_policy(Arc::clone(new));
         self.store.rescale(old, new, self.clock.now_nanos());
+        // What Redis said was under the old quotas.
+        #[cfg(feature = "redis")]
+        if let Some(remote) = &self.remote {
+            remote.deny_cache.evict_idle(u64::MAX);
+        }
     }
 }
 
@@ -323,6 +420,8 @@ pub struct Denied {
     usage: Usage,
     cost: u32,
     retry_after: Option<Duration>,
+    /// Refused because the store could not be asked (fail-closed).
+    unavailable: bool,
 }
 
 impl Denied {
@@ -337,6 +436,7 @@ impl Denied {
     #[must_use]
     pub fn reason(&self) -> DenyReason {
         match self.retry_after {
+            _ if self.unavailable => DenyReason::StoreUnavailable,
             Some(_) => DenyReason::OverRate,
             None => DenyReason::CostExceedsBurst,
         }
@@ -355,6 +455,9 @@ impl Denied {
     }
 
     pub(crate) fn describe(&self) -> String {
+        if self.unavailable {
+            return "the rate limit store cannot be reached, and the limiter fails closed".to_owned();
+        }
         match self.retry_after {
             Some(wait) => format!(
                 "over the rate quota ({}); a request costing {} is admitted again in {:.3}s",
@@ -380,6 +483,173 @@ pub enum DenyReason {
     OverRate,
     /// The request costs more than the quota's burst: never admitted.
     CostExceedsBurst,
+    /// The rate limit store (Redis) could not be asked, and the limiter
+    /// fails closed. Answered with 503.
+    StoreUnavailable,
+}
+
+/// A decision made at once, or one that needs a round trip.
+pub(crate) enum Deferred<R> {
+    Now(R),
+    #[cfg_attr(not(feature = "redis"), expect(dead_code, reason = "only Redis defers"))]
+    Later(std::pin::Pin<Box<dyn std::future::Future<Output = R> + Send>>),
+}
+
+/// The result of a GCRA step for `cost`, with the bucket it leaves.
+fn outcome(step: Step, tat: u64, now: u64, cost: u32, quota: &Quota) -> Result<Allowed, Denied> {
+    let usage = Usage::at(tat, now, quota);
+    match step {
+        Step::Allow { .. } => Ok(Allowed { usage: Some(usage) }),
+        Step::Deny { wait } => Err(Denied {
+            usage,
+            cost,
+            retry_after: Some(Duration::from_nanos(wait)),
+            unavailable: false,
+        }),
+        Step::Impossible => Err(Denied {
+            usage,
+            cost,
+            retry_after: None,
+            unavailable: false,
+        }),
+    }
+}
+
+/// The Redis side of a limiter, and what it keeps locally.
+#[cfg(feature = "redis")]
+struct Remote {
+    backend: crate::redis::RedisBackend,
+    /// What Redis said of recently refused tenants: their TAT, on the local
+    /// clock.
+    deny_cache: MemoryStore,
+    log: crate::common::LogGate,
+}
+
+#[cfg(feature = "redis")]
+impl Remote {
+    /// A refusal the deny cache can make without asking Redis: the TAT
+    /// Redis reported only moves forward, so this is never wrong.
+    #[inline]
+    fn denied_locally(&self, hash: u64, now: u64, cost: u32, quota: &Quota) -> Option<Denied> {
+        let tat = self.deny_cache.peek(hash)?;
+        match gcra::step(tat, now, cost, quota) {
+            step @ Step::Deny { .. } => {
+                self.backend
+                    .counters
+                    .denied_locally
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                outcome(step, tat, now, cost, quota).err()
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(feature = "redis")]
+impl RateLimiter {
+    async fn decide_remote(
+        &self,
+        hash: u64,
+        tenant: &TenantKey,
+        cost: u32,
+        quota: &Quota,
+    ) -> Result<Allowed, Denied> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let inner = &*self.inner;
+        let Some(remote) = &inner.remote else {
+            return Ok(Allowed { usage: None });
+        };
+        let backend = &remote.backend;
+        let start = inner.clock.now_nanos();
+        let reason = if backend.breaker.allows(start) {
+            match backend.step(tenant, quota, cost).await {
+                Ok(answer) => {
+                    backend.breaker.success();
+                    let now = inner.clock.now_nanos();
+                    let tat = now.saturating_add(answer.debt);
+                    if answer.allowed {
+                        return Ok(Allowed {
+                            usage: Some(Usage::at(tat, now, quota)),
+                        });
+                    }
+                    remote.deny_cache.raise(hash, tat, now);
+                    return Err(Denied {
+                        usage: Usage::at(tat, now, quota),
+                        cost,
+                        retry_after: Some(Duration::from_nanos(answer.wait.max(1))),
+                        unavailable: false,
+                    });
+                }
+                Err(reason) => {
+                    backend.counters.failures.fetch_add(1, Relaxed);
+                    if backend.breaker.failure(inner.clock.now_nanos()) {
+                        backend.counters.breaker_opened.fetch_add(1, Relaxed);
+                    }
+                    Some(reason)
+                }
+            }
+        } else {
+            None
+        };
+        let now = inner.clock.now_nanos();
+        if let Some(suppressed) = remote.log.pass(now) {
+            tracing::warn!(
+                target: "tower_floodgate::redis",
+                tenant = %tenant,
+                policy = ?backend.config().on_failure,
+                suppressed,
+                "deciding without Redis: {}",
+                reason.as_deref().unwrap_or("the circuit breaker is open")
+            );
+        }
+        let snapshot = inner.store.snapshot();
+        self.fallback(&snapshot, hash, now, cost, quota)
+    }
+
+    /// The failure policy's decision.
+    fn fallback(
+        &self,
+        snapshot: &crate::table::Snapshot<Arc<Policy>>,
+        hash: u64,
+        now: u64,
+        cost: u32,
+        quota: &Quota,
+    ) -> Result<Allowed, Denied> {
+        use crate::redis::FailurePolicy;
+        use std::sync::atomic::Ordering::Relaxed;
+        let inner = &*self.inner;
+        let Some(remote) = &inner.remote else {
+            return Ok(Allowed { usage: None });
+        };
+        let counters = &remote.backend.counters;
+        match remote.backend.config().on_failure {
+            FailurePolicy::Open => {
+                counters.fallback_open.fetch_add(1, Relaxed);
+                Ok(Allowed { usage: None })
+            }
+            FailurePolicy::Closed => {
+                counters.fallback_closed.fetch_add(1, Relaxed);
+                Err(Denied {
+                    usage: Usage::at(now, now, quota),
+                    cost,
+                    retry_after: Some(Duration::from_secs(1)),
+                    unavailable: true,
+                })
+            }
+            FailurePolicy::Local { share } => {
+                counters.fallback_local.fetch_add(1, Relaxed);
+                let local = quota.scaled(share);
+                let (step, tat) = inner.store.check(snapshot, hash, now, cost, &local);
+                outcome(step, tat, now, cost, &local)
+            }
+        }
+    }
+
+    /// Counters of the Redis store; `None` for an in-memory limiter.
+    #[must_use]
+    pub fn redis_stats(&self) -> Option<crate::redis::RedisStats> {
+        self.inner.remote.as_ref().map(|r| r.backend.stats())
+    }
 }
 
 #[cfg(test)]

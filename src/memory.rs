@@ -129,6 +129,45 @@ impl MemoryStore {
         (Step::Allow { new_tat }, new_tat)
     }
 
+    /// The TAT stored for `hash`, if any (a deny cache's view).
+    #[cfg(feature = "redis")]
+    #[inline]
+    pub(crate) fn peek(&self, hash: u64) -> Option<u64> {
+        self.snapshot()
+            .find(fingerprint(hash))
+            .map(|slot| slot.value.load(Ordering::Acquire))
+            .filter(|&tat| tat != FROZEN)
+    }
+
+    /// Raises the TAT stored for `hash` to at least `tat` (a deny cache
+    /// learning what Redis knows).
+    #[cfg(feature = "redis")]
+    pub(crate) fn raise(&self, hash: u64, tat: u64, now: u64) {
+        let fp = fingerprint(hash);
+        let tat = tat.min(FROZEN - 1);
+        let snapshot = self.snapshot();
+        if let Some(slot) = snapshot.find(fp)
+            && slot
+                .value
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |current| {
+                    (current != FROZEN).then_some(current.max(tat))
+                })
+                .is_ok()
+        {
+            return;
+        }
+        drop(snapshot);
+        let mut locked = self.table.lock(fp);
+        match locked.find(fp) {
+            Some(slot) => {
+                slot.value.fetch_max(tat, Ordering::AcqRel);
+            }
+            None => {
+                let _ = locked.insert(fp, tat, &Tats { now });
+            }
+        }
+    }
+
     /// Drops every idle tenant and gives memory back, one shard at a time.
     pub(crate) fn evict_idle(&self, now: u64) -> usize {
         self.table.evict_idle(&Tats { now })

@@ -188,6 +188,29 @@ impl Quota {
         self.interval_nanos * self.burst as u64
     }
 
+    /// This quota with `share` (in `(0, 1]`) of its rate and burst, for one
+    /// node of several deciding alone. The burst stays at least 1.
+    #[cfg(feature = "redis")]
+    pub(crate) fn scaled(&self, share: f64) -> Self {
+        let share = if share.is_finite() { share.clamp(1e-6, 1.0) } else { 1.0 };
+        let interval = ((self.interval_nanos as f64) / share).ceil().max(1.0);
+        let interval = if interval >= MAX_TOLERANCE_NANOS as f64 {
+            MAX_TOLERANCE_NANOS
+        } else {
+            interval as u64
+        };
+        let burst = ((f64::from(self.burst) * share).floor().max(1.0) as u32)
+            .min(u32::try_from(MAX_TOLERANCE_NANOS / interval).unwrap_or(u32::MAX))
+            .max(1);
+        let count = (f64::from(self.count) * share).round().max(1.0) as u32;
+        Self {
+            count,
+            period_nanos: self.period_nanos,
+            burst,
+            interval_nanos: interval,
+        }
+    }
+
     /// The quota as the `q` and `w` of a `RateLimit-Policy` item: units per
     /// window of whole seconds. Sub-second and fractional periods are scaled
     /// to a window of one second.

@@ -7,6 +7,7 @@
 //! | tenant over its rate | 429 | `https://iana.org/assignments/http-problem-types#quota-exceeded` | `Retry-After`, `RateLimit-Policy`, `RateLimit` |
 //! | tenant at its concurrency cap | 429 | `…#quota-exceeded` | `RateLimit-Policy` with `qu="concurrent-requests"`, `RateLimit` |
 //! | server overloaded (global cap, shedding) | 503 | `…#temporary-reduced-capacity` | `Retry-After` |
+//! | rate limit store unreachable, failing closed | 503 | `…#temporary-reduced-capacity` | `Retry-After` |
 //! | no tenant key | 401 (or 400) | `about:blank` | `WWW-Authenticate` (with [`key::bearer`](crate::key::bearer)) |
 //! | malformed or oversized key, bad cost | 400 | `about:blank` | |
 //!
@@ -37,7 +38,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use crate::error::{RateLimited, Rejection};
-use crate::limiter::Usage;
+use crate::limiter::{DenyReason, Usage};
 use crate::policy::Plan;
 
 /// `RateLimit-Policy`.
@@ -236,6 +237,12 @@ fn http_response(rejection: &Rejection) -> Response<Bytes> {
     let mut body = String::with_capacity(256);
     body.push('{');
     match rejection {
+        Rejection::RateLimited(limited) if limited.reason() == DenyReason::StoreUnavailable => {
+            json_member(&mut body, "type", REDUCED_CAPACITY);
+            json_member(&mut body, "title", "Temporary Reduced Capacity");
+            body.push_str(&format!(",\"status\":{}", status.as_u16()));
+            json_member(&mut body, "detail", &limited.denied().describe());
+        }
         Rejection::RateLimited(limited) => {
             json_member(&mut body, "type", QUOTA_EXCEEDED);
             json_member(&mut body, "title", "Quota Exceeded");

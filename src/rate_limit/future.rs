@@ -5,34 +5,71 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use bytes::Bytes;
 use http::{Response, StatusCode};
 use pin_project_lite::pin_project;
+use tower_service::Service;
 
-use super::layer::SuccessHeaders;
+use super::layer::{SuccessHeaders, Verdict};
 use crate::error::Rejection;
-use crate::response::{RATELIMIT, RATELIMIT_POLICY, ResponseBody};
+use crate::response::{RATELIMIT, RATELIMIT_POLICY, ResponseBody, rejection_response};
+
+/// A request waiting for the store's verdict, with the service made ready
+/// for it.
+struct Deciding<S, Req> {
+    verdict: Pin<Box<dyn Future<Output = Verdict> + Send>>,
+    service: S,
+    request: Req,
+    grpc: bool,
+}
 
 pin_project! {
     /// The response future of [`RateLimit`](super::RateLimit).
-    pub struct ResponseFuture<F, B> {
+    pub struct ResponseFuture<S, Req, B>
+    where
+        S: Service<Req>,
+    {
         #[pin]
-        kind: Kind<F, B>,
+        kind: Kind<S, Req, B>,
     }
 }
 
 pin_project! {
     #[project = KindProj]
-    enum Kind<F, B> {
-        Admitted { #[pin] future: F, headers: Option<Box<SuccessHeaders>> },
+    enum Kind<S, Req, B>
+    where
+        S: Service<Req>,
+    {
+        Admitted { #[pin] future: S::Future, headers: Option<Box<SuccessHeaders>> },
+        // Boxed: only a remote store defers.
+        Deciding { deciding: Option<Box<Deciding<S, Req>>> },
         // Boxed: rejections are rare, and a small future is cheap to move.
         Rejected { response: Option<Box<Response<ResponseBody<B>>>> },
     }
 }
 
-impl<F, B> ResponseFuture<F, B> {
-    pub(super) fn admitted(future: F, headers: Option<Box<SuccessHeaders>>) -> Self {
+impl<S: Service<Req>, Req, B> ResponseFuture<S, Req, B> {
+    pub(super) fn admitted(future: S::Future, headers: Option<Box<SuccessHeaders>>) -> Self {
         Self {
             kind: Kind::Admitted { future, headers },
+        }
+    }
+
+    pub(super) fn deciding(
+        verdict: Pin<Box<dyn Future<Output = Verdict> + Send>>,
+        service: S,
+        request: Req,
+        grpc: bool,
+    ) -> Self {
+        Self {
+            kind: Kind::Deciding {
+                deciding: Some(Box::new(Deciding {
+                    verdict,
+                    service,
+                    request,
+                    grpc,
+                })),
+            },
         }
     }
 
@@ -45,69 +82,123 @@ impl<F, B> ResponseFuture<F, B> {
     }
 }
 
-impl<F, B, E> Future for ResponseFuture<F, B>
-where
-    F: Future<Output = Result<Response<B>, E>>,
-{
-    type Output = Result<Response<ResponseBody<B>>, E>;
+fn after_completion<B>() -> Response<ResponseBody<B>> {
+    // Polled again after completion: answer rather than panic.
+    let mut response = Response::new(ResponseBody::full(Bytes::new()));
+    *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+    response
+}
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().kind.project() {
-            KindProj::Admitted { future, headers } => {
-                let mut response = ready!(future.poll(cx))?;
-                if let Some(extra) = headers.take() {
-                    let SuccessHeaders { policy, limit } = *extra;
-                    let h = response.headers_mut();
-                    h.append(RATELIMIT_POLICY, policy);
-                    h.append(RATELIMIT, limit);
+impl<S, Req, B> Future for ResponseFuture<S, Req, B>
+where
+    S: Service<Req, Response = Response<B>>,
+{
+    type Output = Result<Response<ResponseBody<B>>, S::Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let mut kind = self.as_mut().project().kind;
+            match kind.as_mut().project() {
+                KindProj::Admitted { future, headers } => {
+                    let mut response = ready!(future.poll(cx))?;
+                    if let Some(extra) = headers.take() {
+                        let SuccessHeaders { policy, limit } = *extra;
+                        let h = response.headers_mut();
+                        h.append(RATELIMIT_POLICY, policy);
+                        h.append(RATELIMIT, limit);
+                    }
+                    return Poll::Ready(Ok(response.map(ResponseBody::inner)));
                 }
-                Poll::Ready(Ok(response.map(ResponseBody::inner)))
+                KindProj::Deciding { deciding } => {
+                    let Some(wait) = deciding.as_mut() else {
+                        return Poll::Ready(Ok(after_completion()));
+                    };
+                    let verdict = ready!(wait.verdict.as_mut().poll(cx));
+                    let Some(wait) = deciding.take() else {
+                        return Poll::Ready(Ok(after_completion()));
+                    };
+                    let Deciding {
+                        mut service,
+                        request,
+                        grpc,
+                        ..
+                    } = *wait;
+                    match verdict {
+                        Ok(headers) => {
+                            let future = service.call(request);
+                            kind.set(Kind::Admitted { future, headers });
+                        }
+                        Err(rejection) => {
+                            return Poll::Ready(Ok(rejection_response(rejection, grpc)));
+                        }
+                    }
+                }
+                KindProj::Rejected { response } => {
+                    return Poll::Ready(Ok(match response.take() {
+                        Some(response) => *response,
+                        None => after_completion(),
+                    }));
+                }
             }
-            KindProj::Rejected { response } => Poll::Ready(Ok(match response.take() {
-                Some(response) => *response,
-                None => {
-                    // Polled again after completion: answer rather than panic.
-                    let mut r = Response::new(ResponseBody::full(bytes::Bytes::new()));
-                    *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-                    r
-                }
-            })),
         }
     }
 }
 
-impl<F, B> fmt::Debug for ResponseFuture<F, B> {
+impl<S: Service<Req>, Req, B> fmt::Debug for ResponseFuture<S, Req, B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.kind {
             Kind::Admitted { .. } => "admitted",
+            Kind::Deciding { .. } => "deciding",
             Kind::Rejected { .. } => "rejected",
         };
-        f.debug_struct("ResponseFuture")
-            .field("state", &state)
-            .finish()
+        f.debug_struct("ResponseFuture").field("state", &state).finish()
     }
 }
 
 pin_project! {
     /// The response future of [`GenericRateLimit`](super::GenericRateLimit).
-    pub struct GenericResponseFuture<F> {
+    pub struct GenericResponseFuture<S, Req>
+    where
+        S: Service<Req>,
+    {
         #[pin]
-        kind: GenericKind<F>,
+        kind: GenericKind<S, Req>,
     }
 }
 
 pin_project! {
     #[project = GenericKindProj]
-    enum GenericKind<F> {
-        Admitted { #[pin] future: F },
+    enum GenericKind<S, Req>
+    where
+        S: Service<Req>,
+    {
+        Admitted { #[pin] future: S::Future },
+        Deciding { deciding: Option<Box<Deciding<S, Req>>> },
         Rejected { rejection: Option<Rejection> },
     }
 }
 
-impl<F> GenericResponseFuture<F> {
-    pub(super) fn admitted(future: F) -> Self {
+impl<S: Service<Req>, Req> GenericResponseFuture<S, Req> {
+    pub(super) fn admitted(future: S::Future) -> Self {
         Self {
             kind: GenericKind::Admitted { future },
+        }
+    }
+
+    pub(super) fn deciding(
+        verdict: Pin<Box<dyn Future<Output = Verdict> + Send>>,
+        service: S,
+        request: Req,
+    ) -> Self {
+        Self {
+            kind: GenericKind::Deciding {
+                deciding: Some(Box::new(Deciding {
+                    verdict,
+                    service,
+                    request,
+                    grpc: false,
+                })),
+            },
         }
     }
 
@@ -120,28 +211,59 @@ impl<F> GenericResponseFuture<F> {
     }
 }
 
-impl<F, T, E> Future for GenericResponseFuture<F>
-where
-    F: Future<Output = Result<T, E>>,
-    E: Into<crate::BoxError>,
-{
-    type Output = Result<T, crate::BoxError>;
+const POLLED_AFTER_COMPLETION: &str = "rate limit future polled after completion";
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().kind.project() {
-            GenericKindProj::Admitted { future } => future.poll(cx).map_err(Into::into),
-            GenericKindProj::Rejected { rejection } => Poll::Ready(Err(match rejection.take() {
-                Some(rejection) => Box::new(rejection),
-                None => "rate limit future polled after completion".into(),
-            })),
+impl<S, Req> Future for GenericResponseFuture<S, Req>
+where
+    S: Service<Req>,
+    S::Error: Into<crate::BoxError>,
+{
+    type Output = Result<S::Response, crate::BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let mut kind = self.as_mut().project().kind;
+            match kind.as_mut().project() {
+                GenericKindProj::Admitted { future } => {
+                    return future.poll(cx).map_err(Into::into);
+                }
+                GenericKindProj::Deciding { deciding } => {
+                    let Some(wait) = deciding.as_mut() else {
+                        return Poll::Ready(Err(POLLED_AFTER_COMPLETION.into()));
+                    };
+                    let verdict = ready!(wait.verdict.as_mut().poll(cx));
+                    let Some(wait) = deciding.take() else {
+                        return Poll::Ready(Err(POLLED_AFTER_COMPLETION.into()));
+                    };
+                    let Deciding {
+                        mut service,
+                        request,
+                        ..
+                    } = *wait;
+                    match verdict {
+                        Ok(_) => {
+                            let future = service.call(request);
+                            kind.set(GenericKind::Admitted { future });
+                        }
+                        Err(rejection) => return Poll::Ready(Err(Box::new(rejection))),
+                    }
+                }
+                GenericKindProj::Rejected { rejection } => {
+                    return Poll::Ready(Err(match rejection.take() {
+                        Some(rejection) => Box::new(rejection),
+                        None => POLLED_AFTER_COMPLETION.into(),
+                    }));
+                }
+            }
         }
     }
 }
 
-impl<F> fmt::Debug for GenericResponseFuture<F> {
+impl<S: Service<Req>, Req> fmt::Debug for GenericResponseFuture<S, Req> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.kind {
             GenericKind::Admitted { .. } => "admitted",
+            GenericKind::Deciding { .. } => "deciding",
             GenericKind::Rejected { .. } => "rejected",
         };
         f.debug_struct("GenericResponseFuture")

@@ -1,4 +1,6 @@
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -11,7 +13,8 @@ use crate::error::{RateLimited, Rejection};
 use crate::hash::tenant_hash;
 use crate::common::{KeyRules, MissingKey, Refusals};
 use crate::key::{Extension, KeyExtractor, TenantKey};
-use crate::limiter::{RateLimiter, RateLimiterStats};
+use crate::limiter::{Allowed, Deferred, Denied, RateLimiter, RateLimiterStats};
+use crate::policy::Plan;
 use crate::response::ratelimit_value;
 
 #[derive(Debug, Clone, Copy)]
@@ -312,71 +315,111 @@ pub(super) struct SuccessHeaders {
     pub(super) limit: HeaderValue,
 }
 
+/// The decision on one request: `Ok` with the headers for the admitted
+/// response (if enabled), or the rejection.
+pub(super) type Verdict = Result<Option<Box<SuccessHeaders>>, Rejection>;
+
+/// A verdict now, or after a round trip to the store.
+pub(super) enum Admit {
+    Now(Verdict),
+    Later(Pin<Box<dyn Future<Output = Verdict> + Send>>),
+}
+
 impl<K, C> Shared<K, C> {
-    /// Decides for `req`. `Ok` carries the headers for the admitted response,
-    /// if enabled. In shadow mode every request is `Ok`.
+    /// Decides for `req`. In shadow mode every request is admitted.
     #[inline]
-    pub(super) fn admit<Req>(&self, req: &Req) -> Result<Option<Box<SuccessHeaders>>, Rejection>
+    pub(super) fn admit<Req>(&self, req: &Req) -> Admit
     where
         K: KeyExtractor<Req>,
         C: RequestCost<Req>,
     {
         match self.judge(req) {
-            Ok(headers) => Ok(headers),
-            Err(rejection) => self.refuse(rejection),
+            Admit::Now(Ok(headers)) => Admit::Now(Ok(headers)),
+            Admit::Now(Err(rejection)) => Admit::Now(refuse(&self.state, &self.limiter, rejection)),
+            Admit::Later(verdict) => {
+                let (state, limiter) = (Arc::clone(&self.state), self.limiter.clone());
+                Admit::Later(Box::pin(async move {
+                    match verdict.await {
+                        Ok(headers) => Ok(headers),
+                        Err(rejection) => refuse(&state, &limiter, rejection),
+                    }
+                }))
+            }
         }
     }
 
     #[inline]
-    fn judge<Req>(&self, req: &Req) -> Result<Option<Box<SuccessHeaders>>, Rejection>
+    fn judge<Req>(&self, req: &Req) -> Admit
     where
         K: KeyExtractor<Req>,
         C: RequestCost<Req>,
     {
-        let tenant = self.config.keys.tenant(&self.key, req)?;
-        let cost = self
-            .cost
-            .cost(req)
-            .map_err(|e| Rejection::InvalidCost { reason: e.reason() })?;
-        let bytes = tenant.as_bytes();
-        let success_headers = self.config.success_headers;
-        self.limiter.decide(
-            tenant_hash(bytes),
-            bytes,
-            cost,
-            |plan, result| match result {
-                Ok(allowed) => Ok(match (success_headers, allowed.usage()) {
-                    (true, Some(usage)) => plan.rate_policy_header().map(|policy| {
-                        Box::new(SuccessHeaders {
-                            policy: policy.clone(),
-                            limit: ratelimit_value(plan, usage),
-                        })
-                    }),
-                    _ => None,
-                }),
-                Err(denied) => Err(Rejection::RateLimited(RateLimited::new(
-                    tenant.clone(),
-                    plan.clone(),
-                    denied,
-                ))),
-            },
-        )
-    }
-
-    #[cold]
-    fn refuse(&self, rejection: Rejection) -> Result<Option<Box<SuccessHeaders>>, Rejection> {
-        let state = &*self.state;
-        let counter = match rejection {
-            Rejection::RateLimited(_) => &state.rate_limited,
-            Rejection::InvalidCost { .. } => &state.cost_rejected,
-            _ => &state.key_rejected,
+        let tenant = match self.config.keys.tenant(&self.key, req) {
+            Ok(tenant) => tenant,
+            Err(rejection) => return Admit::Now(Err(rejection)),
         };
-        let now = self.limiter.clock().now_nanos();
-        if state.refusals.record("rate_limit", &rejection, counter, now) {
-            Ok(None)
-        } else {
-            Err(rejection)
+        let cost = match self.cost.cost(req) {
+            Ok(cost) => cost,
+            Err(e) => return Admit::Now(Err(Rejection::InvalidCost { reason: e.reason() })),
+        };
+        let bytes = tenant.as_bytes();
+        let hash = tenant_hash(bytes);
+        let success_headers = self.config.success_headers;
+        if !self.limiter.is_remote() {
+            return Admit::Now(self.limiter.decide(hash, bytes, cost, |plan, result| {
+                verdict(plan, result, success_headers, &tenant)
+            }));
+        }
+        let owned = tenant.clone();
+        match self
+            .limiter
+            .decide_deferred(hash, &tenant, cost, move |plan, result| {
+                verdict(plan, result, success_headers, &owned)
+            }) {
+            Deferred::Now(verdict) => Admit::Now(verdict),
+            Deferred::Later(verdict) => Admit::Later(verdict),
         }
     }
 }
 
+/// The verdict for a limiter's result.
+#[inline]
+fn verdict(
+    plan: &Plan,
+    result: Result<Allowed, Denied>,
+    success_headers: bool,
+    tenant: &TenantKey,
+) -> Verdict {
+    match result {
+        Ok(allowed) => Ok(match (success_headers, allowed.usage()) {
+            (true, Some(usage)) => plan.rate_policy_header().map(|policy| {
+                Box::new(SuccessHeaders {
+                    policy: policy.clone(),
+                    limit: ratelimit_value(plan, usage),
+                })
+            }),
+            _ => None,
+        }),
+        Err(denied) => Err(Rejection::RateLimited(RateLimited::new(
+            tenant.clone(),
+            plan.clone(),
+            denied,
+        ))),
+    }
+}
+
+/// Counts and logs a refusal; shadow mode admits instead.
+#[cold]
+fn refuse(state: &LayerState, limiter: &RateLimiter, rejection: Rejection) -> Verdict {
+    let counter = match rejection {
+        Rejection::RateLimited(_) => &state.rate_limited,
+        Rejection::InvalidCost { .. } => &state.cost_rejected,
+        _ => &state.key_rejected,
+    };
+    let now = limiter.clock().now_nanos();
+    if state.refusals.record("rate_limit", &rejection, counter, now) {
+        Ok(None)
+    } else {
+        Err(rejection)
+    }
+}

@@ -6,7 +6,7 @@ use http::{Request, Response};
 use tower_service::Service;
 
 use super::future::{GenericResponseFuture, ResponseFuture};
-use super::layer::Shared;
+use super::layer::{Admit, Shared};
 use crate::cost::RequestCost;
 use crate::key::KeyExtractor;
 use crate::response::{ResponseBody, is_grpc, rejection_response};
@@ -58,6 +58,10 @@ service_common!(RateLimit);
 service_common!(GenericRateLimit);
 
 /// The HTTP service made by [`RateLimitLayer`](super::RateLimitLayer).
+///
+/// The inner service must be `Clone`: with a remote store, a request that
+/// waits for Redis' verdict takes the instance made ready for it and leaves
+/// a clone in its place.
 pub struct RateLimit<S, K, C> {
     inner: S,
     shared: Arc<Shared<K, C>>,
@@ -65,13 +69,13 @@ pub struct RateLimit<S, K, C> {
 
 impl<S, K, C, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S, K, C>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
     K: KeyExtractor<Request<ReqBody>>,
     C: RequestCost<Request<ReqBody>>,
 {
     type Response = Response<ResponseBody<ResBody>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future, ResBody>;
+    type Future = ResponseFuture<S, Request<ReqBody>, ResBody>;
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -80,9 +84,17 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         match self.shared.admit(&req) {
-            Ok(headers) => ResponseFuture::admitted(self.inner.call(req), headers),
-            Err(rejection) => {
+            Admit::Now(Ok(headers)) => ResponseFuture::admitted(self.inner.call(req), headers),
+            Admit::Now(Err(rejection)) => {
                 ResponseFuture::rejected(rejection_response(rejection, is_grpc(req.headers())))
+            }
+            Admit::Later(verdict) => {
+                // Called once the store answers: take the instance made
+                // ready for this request, and leave a clone in its place.
+                let fresh = self.inner.clone();
+                let ready = std::mem::replace(&mut self.inner, fresh);
+                let grpc = is_grpc(req.headers());
+                ResponseFuture::deciding(verdict, ready, req, grpc)
             }
         }
     }
@@ -96,14 +108,14 @@ pub struct GenericRateLimit<S, K, C> {
 
 impl<S, K, C, Req> Service<Req> for GenericRateLimit<S, K, C>
 where
-    S: Service<Req>,
+    S: Service<Req> + Clone,
     S::Error: Into<crate::BoxError>,
     K: KeyExtractor<Req>,
     C: RequestCost<Req>,
 {
     type Response = S::Response;
     type Error = crate::BoxError;
-    type Future = GenericResponseFuture<S::Future>;
+    type Future = GenericResponseFuture<S, Req>;
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -112,8 +124,13 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         match self.shared.admit(&req) {
-            Ok(_) => GenericResponseFuture::admitted(self.inner.call(req)),
-            Err(rejection) => GenericResponseFuture::rejected(rejection),
+            Admit::Now(Ok(_)) => GenericResponseFuture::admitted(self.inner.call(req)),
+            Admit::Now(Err(rejection)) => GenericResponseFuture::rejected(rejection),
+            Admit::Later(verdict) => {
+                let fresh = self.inner.clone();
+                let ready = std::mem::replace(&mut self.inner, fresh);
+                GenericResponseFuture::deciding(verdict, ready, req)
+            }
         }
     }
 }
