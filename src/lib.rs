@@ -19,11 +19,13 @@
 //! * **Purge batching and coalescing** ([`purge::PurgeBatcher`],
 //!   [`coalesce::CoalesceLayer`]): a flood of identical purges costs the
 //!   backend a couple of calls, never one per request.
+//! * **Fleet-wide limits** (feature `redis`): the same rate limiter on
+//!   Redis, so that a tenant's quota holds across every node.
 //!
 //! The layers go in that order, outermost first: who (the key), how often
 //! (rate limit), how many at once (concurrency cap), is the server ok
-//! (load shed), is this already pending (coalesce), then your service. Each is usable alone, and all share one
-//! [`PolicyHandle`].
+//! (load shed), is this already pending (coalesce), then your service. Each
+//! is usable alone, and all share one [`PolicyHandle`].
 //!
 //! # Quick start (axum)
 //!
@@ -68,6 +70,7 @@
 //! |---|---|---|
 //! | `axum` | yes | [`key::peer_addr`] reads axum's `ConnectInfo<SocketAddr>` |
 //! | `tonic` | no | `From<Rejection> for tonic::Status`; [`key::peer_addr`] reads tonic's `TcpConnectInfo` |
+//! | `redis` | no | [`redis::RedisStore`]: fleet-wide rate limits on Redis, Valkey or a Redis Cluster |
 //!
 //! gRPC rejections work without the `tonic` feature: the layer recognises
 //! gRPC requests by their content type.
