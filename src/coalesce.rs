@@ -52,6 +52,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::key::TenantKey;
+use crate::observe::{Decision, Event, Hook, LayerKind, Observer};
 use crate::response::ResponseBody;
 use crate::sync::Mutex;
 
@@ -111,6 +112,7 @@ pub struct CoalesceLayer<K = DefaultKey> {
     mode: JoinMode,
     max_body: usize,
     stats: Arc<Counters>,
+    observer: Hook,
 }
 
 impl CoalesceLayer {
@@ -122,6 +124,7 @@ impl CoalesceLayer {
             mode,
             max_body: DEFAULT_MAX_BODY,
             stats: Arc::default(),
+            observer: Hook::default(),
         }
     }
 }
@@ -135,6 +138,7 @@ impl<K> CoalesceLayer<K> {
             mode: self.mode,
             max_body: self.max_body,
             stats: self.stats,
+            observer: self.observer,
         }
     }
 
@@ -146,10 +150,26 @@ impl<K> CoalesceLayer<K> {
         self
     }
 
+    /// Reports each request to `observer` (see [`observe`](crate::observe)):
+    /// [`Decision::Coalesced`] when it joins another's call,
+    /// [`Decision::Admitted`] when it makes its own. The tenant is the
+    /// request's [`TenantKey`] extension, if it has one.
+    #[must_use]
+    pub fn observer(mut self, observer: impl Observer) -> Self {
+        self.observer = Hook::new(observer);
+        self
+    }
+
     /// Counters, shared by every service made by this layer and its clones.
     #[must_use]
     pub fn stats(&self) -> CoalesceStats {
         self.stats.snapshot()
+    }
+
+    /// What [`stats`](Self::stats) reads, for a dashboard.
+    pub(crate) fn stats_source(&self) -> impl Fn() -> CoalesceStats + Send + Sync + 'static {
+        let stats = Arc::clone(&self.stats);
+        move || stats.snapshot()
     }
 }
 
@@ -165,6 +185,7 @@ impl<K: fmt::Debug> fmt::Debug for CoalesceLayer<K> {
 
 /// Counters of a [`CoalesceLayer`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct CoalesceStats {
     /// Requests seen.
@@ -388,6 +409,7 @@ pub struct Coalesce<S, K> {
     mode: JoinMode,
     max_body: usize,
     flights: Arc<Flights>,
+    observer: Hook,
 }
 
 impl<S: Clone, K: Clone> Clone for Coalesce<S, K> {
@@ -398,6 +420,7 @@ impl<S: Clone, K: Clone> Clone for Coalesce<S, K> {
             mode: self.mode,
             max_body: self.max_body,
             flights: Arc::clone(&self.flights),
+            observer: self.observer.clone(),
         }
     }
 }
@@ -428,6 +451,7 @@ where
                 stats: Arc::clone(&self.stats),
                 next_id: AtomicU64::new(1),
             }),
+            observer: self.observer.clone(),
         }
     }
 }
@@ -459,6 +483,10 @@ where
         let key = self.key.clone();
         let (mode, max_body) = (self.mode, self.max_body);
         let flights = Arc::clone(&self.flights);
+        let observer = self.observer.clone();
+        let report = move |decision: Decision, tenant: Option<&TenantKey>| {
+            observer.emit(|| Event::new(LayerKind::Coalesce, decision, tenant));
+        };
         Box::pin(async move {
             let stats = &flights.stats;
             stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -469,6 +497,7 @@ where
                 .is_some_and(|n| n <= max_body as u64);
             if !fits {
                 stats.bypassed.fetch_add(1, Ordering::Relaxed);
+                report(Decision::Admitted, req.extensions().get::<TenantKey>());
                 return Ok(service.call(req).await?.map(ResponseBody::inner));
             }
             let (parts, body) = req.into_parts();
@@ -478,6 +507,7 @@ where
             };
             let Some(key) = key.key(&parts, &body) else {
                 stats.bypassed.fetch_add(1, Ordering::Relaxed);
+                report(Decision::Admitted, parts.extensions.get::<TenantKey>());
                 let req = Request::from_parts(parts, ReqB::from(body));
                 return Ok(service.call(req).await?.map(ResponseBody::inner));
             };
@@ -486,8 +516,10 @@ where
             let slot = WaiterSlot { id: me, tx };
             // Our own copy, in case we must make our own call.
             let own_parts = parts.clone();
+            let tenant = parts.extensions.get::<TenantKey>().cloned();
             let request = Request::from_parts(parts, ReqB::from(body.clone()));
             let mut service = Some(service);
+            let mut joined = false;
             let start: Option<Start> = {
                 let mut keys = flights.keys.lock();
                 let flight = keys.entry(key.clone()).or_insert_with(|| {
@@ -498,11 +530,13 @@ where
                     (JoinMode::Next, Some(_), Some(next)) | (JoinMode::Next, None, Some(next)) => {
                         stats.coalesced.fetch_add(1, Ordering::Relaxed);
                         next.waiters.push(slot);
+                        joined = true;
                         None
                     }
                     (JoinMode::InFlight, Some(running), _) => {
                         stats.coalesced.fetch_add(1, Ordering::Relaxed);
                         running.push(slot);
+                        joined = true;
                         None
                     }
                     (JoinMode::Next, Some(_), next @ None) => {
@@ -531,6 +565,14 @@ where
                     }
                 }
             };
+            report(
+                if joined {
+                    Decision::Coalesced
+                } else {
+                    Decision::Admitted
+                },
+                tenant.as_ref(),
+            );
             if let Some(start) = start {
                 start(Arc::clone(&flights), key.clone());
             }

@@ -30,6 +30,13 @@ pub enum Rejection {
     /// shedder refused the request.
     #[error(transparent)]
     Overloaded(Box<Overloaded>),
+    /// The tenant is blocked by the policy
+    /// ([`PolicyHandle::block`](crate::PolicyHandle::block)).
+    #[error("tenant {tenant} is blocked")]
+    Blocked {
+        /// The tenant.
+        tenant: TenantKey,
+    },
     /// The request carries no tenant key.
     #[error("the request carries no tenant key")]
     MissingKey {
@@ -71,6 +78,7 @@ impl Rejection {
             }
             Self::RateLimited(_) | Self::ConcurrencyCapped(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Blocked { .. } => StatusCode::FORBIDDEN,
             Self::MissingKey { status, .. } => *status,
             Self::InvalidKey { .. } | Self::KeyTooLong { .. } | Self::InvalidCost { .. } => {
                 StatusCode::BAD_REQUEST
@@ -87,6 +95,7 @@ impl Rejection {
             }
             Self::RateLimited(_) | Self::ConcurrencyCapped(_) => GrpcCode::ResourceExhausted,
             Self::Overloaded(_) => GrpcCode::Unavailable,
+            Self::Blocked { .. } => GrpcCode::PermissionDenied,
             Self::MissingKey { status, .. } if *status == StatusCode::UNAUTHORIZED => {
                 GrpcCode::Unauthenticated
             }
@@ -115,6 +124,7 @@ impl Rejection {
             Self::RateLimited(limited) => Some(limited.tenant()),
             Self::ConcurrencyCapped(capped) => Some(&capped.tenant),
             Self::Overloaded(overloaded) => overloaded.tenant.as_ref(),
+            Self::Blocked { tenant } => Some(tenant),
             _ => None,
         }
     }
@@ -135,6 +145,8 @@ impl Rejection {
 pub enum GrpcCode {
     /// 3: the request is malformed.
     InvalidArgument,
+    /// 7: the tenant is blocked.
+    PermissionDenied,
     /// 8: the tenant is over a quota.
     ResourceExhausted,
     /// 14: the server is overloaded.
@@ -149,6 +161,7 @@ impl GrpcCode {
     pub fn as_i32(self) -> i32 {
         match self {
             Self::InvalidArgument => 3,
+            Self::PermissionDenied => 7,
             Self::ResourceExhausted => 8,
             Self::Unavailable => 14,
             Self::Unauthenticated => 16,

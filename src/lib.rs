@@ -21,6 +21,11 @@
 //!   backend a couple of calls, never one per request.
 //! * **Fleet-wide limits** (feature `redis`): the same rate limiter on
 //!   Redis, so that a tenant's quota holds across every node.
+//! * **Finding patient zero** ([`observe`]): every layer reports its
+//!   decisions to an observer (logs, metrics, the heaviest tenants), one
+//!   call shows every layer's state, and a tenant can be blocked or a layer
+//!   put in shadow mode at run time ([`PolicyHandle::block`],
+//!   [`PolicyHandle::set_shadow`]).
 //!
 //! The layers go in that order, outermost first: who (the key), how often
 //! (rate limit), how many at once (concurrency cap), is the server ok
@@ -71,6 +76,8 @@
 //! | `axum` | yes | [`key::peer_addr`] reads axum's `ConnectInfo<SocketAddr>` |
 //! | `tonic` | no | `From<Rejection> for tonic::Status`; [`key::peer_addr`] reads tonic's `TcpConnectInfo` |
 //! | `redis` | no | [`redis::RedisStore`]: fleet-wide rate limits on Redis, Valkey or a Redis Cluster |
+//! | `metrics` | no | `observe::Metrics`: counters and histograms through the `metrics` facade |
+//! | `serde` | no | `Serialize` for [`observe::Snapshot`], the heavy-hitter view and every layer's stats |
 //!
 //! gRPC rejections work without the `tonic` feature: the layer recognises
 //! gRPC requests by their content type.
@@ -100,6 +107,7 @@ not_loom! {
     pub mod key;
     mod limiter;
     mod memory;
+    pub mod observe;
     pub mod policy;
     pub mod purge;
     mod quota;
@@ -126,6 +134,7 @@ not_loom! {
     pub use concurrency::ConcurrencyCapLayer;
     pub use rate_limit::RateLimitLayer;
     pub use shed::{LoadShedLayer, Priority};
+    pub use observe::LayerKind;
 }
 
 /// The boxed error of the generic (non-HTTP) services.

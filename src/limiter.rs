@@ -1,6 +1,7 @@
 //! The per-tenant rate limiter, usable with or without the layer.
 
 use std::fmt;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -182,8 +183,11 @@ impl RateLimiter {
         let inner = &*self.inner;
         let snapshot = inner.store.snapshot();
         let plan = snapshot.extra.plan_for_hashed(hash, tenant);
+        if snapshot.extra.is_blocked_hashed(hash, tenant) {
+            return f(plan, Err(blocked(plan, cost, inner.clock.now_nanos())));
+        }
         let Some(quota) = plan.rate_quota() else {
-            return f(plan, Ok(Allowed { usage: None }));
+            return f(plan, Ok(Allowed { usage: None, fallback: false }));
         };
         let now = inner.clock.now_nanos();
         #[cfg(feature = "redis")]
@@ -215,8 +219,12 @@ impl RateLimiter {
         if let Some(remote) = &self.inner.remote {
             let snapshot = self.inner.store.snapshot();
             let plan = snapshot.extra.plan_for_hashed(hash, tenant.as_bytes());
+            if snapshot.extra.is_blocked_hashed(hash, tenant.as_bytes()) {
+                let now = self.inner.clock.now_nanos();
+                return Deferred::Now(f(plan, Err(blocked(plan, cost, now))));
+            }
             let Some(quota) = plan.rate_quota().copied() else {
-                return Deferred::Now(f(plan, Ok(Allowed { usage: None })));
+                return Deferred::Now(f(plan, Ok(Allowed { usage: None, fallback: false })));
             };
             let now = self.inner.clock.now_nanos();
             if let Some(denied) = remote.denied_locally(hash, now, cost, &quota) {
@@ -308,6 +316,8 @@ impl RateLimiter {
             max_tenants: self.max_tenants(),
             evicted_idle: evictions.idle,
             evicted_active: evictions.active,
+            #[cfg(feature = "redis")]
+            redis: self.redis_stats(),
         }
     }
 }
@@ -336,6 +346,7 @@ impl fmt::Debug for RateLimiter {
 
 /// Counters of a [`RateLimiter`]'s tenant table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct RateLimiterStats {
     /// Tenants tracked now.
@@ -348,6 +359,10 @@ pub struct RateLimiterStats {
     /// (a sign of key rotation or of a cap set too low). Each such tenant
     /// starts again from a full bucket.
     pub evicted_active: u64,
+    /// The Redis store's counters, for a limiter on Redis.
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub redis: Option<crate::redis::RedisStats>,
 }
 
 /// A tenant's bucket after a decision. The figures are computed when asked
@@ -402,9 +417,17 @@ impl Usage {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Allowed {
     usage: Option<Usage>,
+    fallback: bool,
 }
 
 impl Allowed {
+    /// Whether the decision was made without the rate limit store (Redis
+    /// did not answer in time, and the failure policy decided).
+    #[must_use]
+    pub fn is_fallback(&self) -> bool {
+        self.fallback
+    }
+
     /// The tenant's bucket after this request; `None` when its plan has no
     /// rate limit.
     #[must_use]
@@ -420,11 +443,29 @@ pub struct Denied {
     usage: Usage,
     cost: u32,
     retry_after: Option<Duration>,
-    /// Refused because the store could not be asked (fail-closed).
-    unavailable: bool,
+    cause: Cause,
+    fallback: bool,
+}
+
+/// What refused a request, besides its rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cause {
+    /// The quota (see `retry_after`).
+    Rate,
+    /// The store could not be asked (fail-closed).
+    Unavailable,
+    /// The policy blocks the tenant.
+    Blocked,
 }
 
 impl Denied {
+    /// Whether the decision was made without the rate limit store (Redis
+    /// did not answer in time, and the failure policy decided).
+    #[must_use]
+    pub fn is_fallback(&self) -> bool {
+        self.fallback
+    }
+
     /// When the same cost will be admitted, if nothing else is spent
     /// meanwhile; `None` if never: the cost exceeds the quota's burst.
     #[must_use]
@@ -436,7 +477,8 @@ impl Denied {
     #[must_use]
     pub fn reason(&self) -> DenyReason {
         match self.retry_after {
-            _ if self.unavailable => DenyReason::StoreUnavailable,
+            _ if self.cause == Cause::Unavailable => DenyReason::StoreUnavailable,
+            _ if self.cause == Cause::Blocked => DenyReason::Blocked,
             Some(_) => DenyReason::OverRate,
             None => DenyReason::CostExceedsBurst,
         }
@@ -455,16 +497,25 @@ impl Denied {
     }
 
     pub(crate) fn describe(&self) -> String {
-        if self.unavailable {
+        if self.cause == Cause::Blocked {
+            return "the tenant is blocked".to_owned();
+        }
+        if self.cause == Cause::Unavailable {
             return "the rate limit store cannot be reached, and the limiter fails closed".to_owned();
         }
         match self.retry_after {
-            Some(wait) => format!(
-                "over the rate quota ({}); a request costing {} is admitted again in {:.3}s",
-                self.usage.quota,
-                self.cost,
-                wait.as_secs_f64()
-            ),
+            Some(wait) => {
+                // Whole milliseconds, rounded up, without float formatting
+                // (this is on the path of every refusal).
+                let ms = wait.as_nanos().div_ceil(1_000_000);
+                format!(
+                    "over the rate quota ({}); a request costing {} is admitted again in {}.{:03}s",
+                    self.usage.quota,
+                    self.cost,
+                    ms / 1000,
+                    ms % 1000
+                )
+            }
             None => format!(
                 "a request costing {} can never be admitted: the quota ({}) allows at most {} at once",
                 self.cost,
@@ -486,6 +537,22 @@ pub enum DenyReason {
     /// The rate limit store (Redis) could not be asked, and the limiter
     /// fails closed. Answered with 503.
     StoreUnavailable,
+    /// The policy [blocks](crate::PolicyHandle::block) the tenant. Answered
+    /// with 403.
+    Blocked,
+}
+
+/// The refusal of a blocked tenant: nothing is charged; its bucket is shown
+/// as it is (as an unlimited one if its plan has no rate limit).
+fn blocked(plan: &Plan, cost: u32, now: u64) -> Denied {
+    const UNLIMITED: Quota = Quota::per_second(NonZeroU32::MAX).allow_burst(NonZeroU32::MAX);
+    Denied {
+        usage: Usage::at(now, now, plan.rate_quota().unwrap_or(&UNLIMITED)),
+        cost,
+        retry_after: None,
+        cause: Cause::Blocked,
+        fallback: false,
+    }
 }
 
 /// A decision made at once, or one that needs a round trip.
@@ -499,18 +566,20 @@ pub(crate) enum Deferred<R> {
 fn outcome(step: Step, tat: u64, now: u64, cost: u32, quota: &Quota) -> Result<Allowed, Denied> {
     let usage = Usage::at(tat, now, quota);
     match step {
-        Step::Allow { .. } => Ok(Allowed { usage: Some(usage) }),
+        Step::Allow { .. } => Ok(Allowed { usage: Some(usage), fallback: false }),
         Step::Deny { wait } => Err(Denied {
             usage,
             cost,
             retry_after: Some(Duration::from_nanos(wait)),
-            unavailable: false,
+            cause: Cause::Rate,
+            fallback: false,
         }),
         Step::Impossible => Err(Denied {
             usage,
             cost,
             retry_after: None,
-            unavailable: false,
+            cause: Cause::Rate,
+            fallback: false,
         }),
     }
 }
@@ -557,7 +626,7 @@ impl RateLimiter {
         use std::sync::atomic::Ordering::Relaxed;
         let inner = &*self.inner;
         let Some(remote) = &inner.remote else {
-            return Ok(Allowed { usage: None });
+            return Ok(Allowed { usage: None, fallback: false });
         };
         let backend = &remote.backend;
         let start = inner.clock.now_nanos();
@@ -570,6 +639,7 @@ impl RateLimiter {
                     if answer.allowed {
                         return Ok(Allowed {
                             usage: Some(Usage::at(tat, now, quota)),
+                            fallback: false,
                         });
                     }
                     remote.deny_cache.raise(hash, tat, now);
@@ -577,7 +647,8 @@ impl RateLimiter {
                         usage: Usage::at(tat, now, quota),
                         cost,
                         retry_after: Some(Duration::from_nanos(answer.wait.max(1))),
-                        unavailable: false,
+                        cause: Cause::Rate,
+            fallback: false,
                     });
                 }
                 Err(reason) => {
@@ -619,13 +690,16 @@ impl RateLimiter {
         use std::sync::atomic::Ordering::Relaxed;
         let inner = &*self.inner;
         let Some(remote) = &inner.remote else {
-            return Ok(Allowed { usage: None });
+            return Ok(Allowed { usage: None, fallback: false });
         };
         let counters = &remote.backend.counters;
         match remote.backend.config().on_failure {
             FailurePolicy::Open => {
                 counters.fallback_open.fetch_add(1, Relaxed);
-                Ok(Allowed { usage: None })
+                Ok(Allowed {
+                    usage: None,
+                    fallback: true,
+                })
             }
             FailurePolicy::Closed => {
                 counters.fallback_closed.fetch_add(1, Relaxed);
@@ -633,7 +707,8 @@ impl RateLimiter {
                     usage: Usage::at(now, now, quota),
                     cost,
                     retry_after: Some(Duration::from_secs(1)),
-                    unavailable: true,
+                    cause: Cause::Unavailable,
+                    fallback: true,
                 })
             }
             FailurePolicy::Local { share } => {
@@ -641,6 +716,8 @@ impl RateLimiter {
                 let local = quota.scaled(share);
                 let (step, tat) = inner.store.check(snapshot, hash, now, cost, &local);
                 outcome(step, tat, now, cost, &local)
+                    .map(|a| Allowed { fallback: true, ..a })
+                    .map_err(|d| Denied { fallback: true, ..d })
             }
         }
     }

@@ -30,7 +30,7 @@
 //! # Ok::<_, tower_floodgate::PolicyError>(())
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Weak};
 
@@ -41,6 +41,7 @@ use parking_lot::Mutex;
 
 use crate::hash::tenant_hash;
 use crate::key::TenantKey;
+use crate::observe::LayerKind;
 use crate::quota::Quota;
 use crate::shed::Priority;
 
@@ -233,6 +234,10 @@ pub struct Policy {
     /// Whether any plan sets a priority (else the shedder need not know the
     /// tenant for it).
     any_priority: bool,
+    /// Tenants refused outright, whatever their plan.
+    blocked: HashTable<(u64, TenantKey)>,
+    /// The layers in shadow mode, by [`LayerKind::bit`].
+    shadow: u8,
 }
 
 impl Policy {
@@ -250,6 +255,8 @@ impl Policy {
             default,
             tiers: Vec::new(),
             tenants: HashMap::new(),
+            blocked: HashSet::new(),
+            shadow: 0,
         }
     }
 
@@ -318,6 +325,41 @@ impl Policy {
         self.any_priority
     }
 
+    /// Whether `tenant` is blocked.
+    #[must_use]
+    pub fn is_blocked(&self, tenant: impl AsRef<[u8]>) -> bool {
+        let bytes = tenant.as_ref();
+        self.is_blocked_hashed(tenant_hash(bytes), bytes)
+    }
+
+    #[inline]
+    pub(crate) fn is_blocked_hashed(&self, hash: u64, tenant: &[u8]) -> bool {
+        !self.blocked.is_empty()
+            && self
+                .blocked
+                .find(hash, |(_, key)| key.as_bytes() == tenant)
+                .is_some()
+    }
+
+    /// Whether any tenant is blocked (else a layer need not know the tenant
+    /// to check).
+    #[inline]
+    pub(crate) fn any_blocked(&self) -> bool {
+        !self.blocked.is_empty()
+    }
+
+    /// The blocked tenants, in no particular order.
+    pub fn blocked_tenants(&self) -> impl Iterator<Item = &TenantKey> {
+        self.blocked.iter().map(|(_, key)| key)
+    }
+
+    /// Whether the policy puts `layer` in shadow mode (it then lets every
+    /// request through and only counts and logs what it would refuse).
+    #[must_use]
+    pub fn is_shadow(&self, layer: LayerKind) -> bool {
+        self.shadow & layer.bit() != 0
+    }
+
     /// The plan of tenants without an assignment.
     #[must_use]
     pub fn default_plan(&self) -> &Plan {
@@ -356,6 +398,8 @@ impl Policy {
                 .iter()
                 .map(|e| (e.key.clone(), e.rule.clone()))
                 .collect(),
+            blocked: self.blocked.iter().map(|(_, key)| key.clone()).collect(),
+            shadow: self.shadow,
         }
     }
 }
@@ -366,6 +410,8 @@ impl fmt::Debug for Policy {
             .field("default", &self.default)
             .field("tiers", &self.tiers.len())
             .field("assigned_tenants", &self.tenants.len())
+            .field("blocked_tenants", &self.blocked.len())
+            .field("shadow", &self.shadow)
             .finish()
     }
 }
@@ -377,6 +423,8 @@ pub struct PolicyBuilder {
     default: Plan,
     tiers: Vec<Plan>,
     tenants: HashMap<TenantKey, Rule>,
+    blocked: HashSet<TenantKey>,
+    shadow: u8,
 }
 
 impl PolicyBuilder {
@@ -410,6 +458,33 @@ impl PolicyBuilder {
     /// Removes `tenant`'s assignment or override: it gets the default plan.
     pub fn remove(mut self, tenant: impl Into<TenantKey>) -> Self {
         self.tenants.remove(&tenant.into());
+        self
+    }
+
+    /// Blocks `tenant`: every layer refuses its requests (403 Forbidden,
+    /// gRPC PERMISSION_DENIED) until it is [unblocked](Self::unblock). Its
+    /// plan assignment is kept.
+    pub fn block(mut self, tenant: impl Into<TenantKey>) -> Self {
+        self.blocked.insert(tenant.into());
+        self
+    }
+
+    /// Lifts a [block](Self::block).
+    pub fn unblock(mut self, tenant: impl Into<TenantKey>) -> Self {
+        self.blocked.remove(&tenant.into());
+        self
+    }
+
+    /// Puts `layer` in shadow mode, or back to enforcing. Every layer of
+    /// that kind built with this policy follows when the policy changes it
+    /// (a layer's own `set_shadow` switches that layer alone, until the
+    /// policy's setting changes again).
+    pub fn shadow(mut self, layer: LayerKind, enabled: bool) -> Self {
+        if enabled {
+            self.shadow |= layer.bit();
+        } else {
+            self.shadow &= !layer.bit();
+        }
         self
     }
 
@@ -457,12 +532,19 @@ impl PolicyBuilder {
         };
         let any_concurrency = any_plan(|p| p.concurrency_limit().is_some());
         let any_priority = any_plan(|p| p.request_priority().is_some());
+        let mut blocked = HashTable::with_capacity(self.blocked.len());
+        for key in self.blocked {
+            let hash = tenant_hash(key.as_bytes());
+            blocked.insert_unique(hash, (hash, key), |(h, _)| *h);
+        }
         Ok(Policy {
             default: self.default,
             tiers,
             tenants,
             any_concurrency,
             any_priority,
+            blocked,
+            shadow: self.shadow,
         })
     }
 }
@@ -473,6 +555,8 @@ impl fmt::Debug for PolicyBuilder {
             .field("default", &self.default)
             .field("tiers", &self.tiers)
             .field("tenants", &self.tenants.len())
+            .field("blocked", &self.blocked.len())
+            .field("shadow", &self.shadow)
             .finish()
     }
 }
@@ -575,6 +659,33 @@ impl PolicyHandle {
         let next = change(self.current().to_builder()).build()?;
         self.install(&mut listeners, Arc::new(next));
         Ok(())
+    }
+
+    /// Blocks `tenant` everywhere this policy is used, from the next
+    /// request on. See [`PolicyBuilder::block`].
+    pub fn block(&self, tenant: impl Into<TenantKey>) {
+        let tenant = tenant.into();
+        self.update_infallible(|p| p.block(tenant));
+    }
+
+    /// Lifts a block, from the next request on.
+    pub fn unblock(&self, tenant: impl Into<TenantKey>) {
+        let tenant = tenant.into();
+        self.update_infallible(|p| p.unblock(tenant));
+    }
+
+    /// Switches every `layer` built with this policy to shadow mode (or
+    /// back to enforcing), from the next request on.
+    pub fn set_shadow(&self, layer: LayerKind, enabled: bool) {
+        self.update_infallible(|p| p.shadow(layer, enabled));
+    }
+
+    /// An update that cannot fail: it touches no tier assignment.
+    fn update_infallible(&self, change: impl FnOnce(PolicyBuilder) -> PolicyBuilder) {
+        if let Err(e) = self.update(change) {
+            // A valid policy stays valid without new assignments.
+            unreachable!("{e}");
+        }
     }
 
     fn install(

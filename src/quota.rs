@@ -237,13 +237,12 @@ impl fmt::Debug for Quota {
 
 impl fmt::Display for Quota {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} per {:?} (burst {})",
-            self.count,
-            self.period(),
-            self.burst
-        )
+        let period = self.period();
+        if period.subsec_nanos() == 0 {
+            write!(f, "{} per {}s (burst {})", self.count, period.as_secs(), self.burst)
+        } else {
+            write!(f, "{} per {:?} (burst {})", self.count, period, self.burst)
+        }
     }
 }
 

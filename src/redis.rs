@@ -298,6 +298,7 @@ pub(crate) struct Answer {
 
 /// Counters of a limiter on Redis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct RedisStats {
     /// Scripts run on Redis.

@@ -408,20 +408,51 @@ fn json_member(out: &mut String, name: &str, value: &str) {
 }
 
 pub(crate) fn json_string(out: &mut String, s: &str) {
+    out.reserve(s.len() + 2);
     out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if u32::from(c) < 0x20 || c == '\u{2028}' || c == '\u{2029}' => {
-                out.push_str(&format!("\\u{:04x}", u32::from(c)));
+    // Copies runs that need no escape in one go: most strings are one run.
+    // Every character to escape is ASCII but U+2028 and U+2029 (E2 80 A8/A9
+    // in UTF-8), so the scan is over bytes.
+    let bytes = s.as_bytes();
+    let mut run = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        let len = match b {
+            b'"' | b'\\' | 0..0x20 => 1,
+            0xE2 if bytes.get(i + 1) == Some(&0x80)
+                && matches!(bytes.get(i + 2), Some(0xA8 | 0xA9)) =>
+            {
+                3
             }
-            c => out.push(c),
+            _ => {
+                i += 1;
+                continue;
+            }
+        };
+        out.push_str(&s[run..i]);
+        match b {
+            b'"' => out.push_str("\\\""),
+            b'\\' => out.push_str("\\\\"),
+            b'\n' => out.push_str("\\n"),
+            b'\r' => out.push_str("\\r"),
+            b'\t' => out.push_str("\\t"),
+            0xE2 => out.push_str(if bytes[i + 2] == 0xA8 {
+                "\\u2028"
+            } else {
+                "\\u2029"
+            }),
+            _ => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.push_str("\\u00");
+                out.push(char::from(HEX[usize::from(b >> 4)]));
+                out.push(char::from(HEX[usize::from(b & 0xf)]));
+            }
         }
+        i += len;
+        run = i;
     }
+    out.push_str(&s[run..]);
     out.push('"');
 }
 
@@ -456,6 +487,14 @@ mod tests {
         let mut s = String::new();
         json_string(&mut s, "a\"b\\c\nd\u{1}");
         assert_eq!(s, r#""a\"b\\c\nd\u0001""#);
+        // Multi-byte characters pass; the two JavaScript line breaks and
+        // every control character are escaped; the output is valid JSON.
+        let input = "é\u{2028}x\u{2029}\u{1f}→\t\r\u{e2}";
+        let mut s = String::new();
+        json_string(&mut s, input);
+        assert_eq!(s, r#""é\u2028x\u2029\u001f→\t\râ""#);
+        let parsed: String = serde_json::from_str(&s).unwrap_or_default();
+        assert_eq!(parsed, input);
     }
 
     #[test]

@@ -19,6 +19,7 @@ use crate::gate::Waiter;
 use crate::hash::tenant_hash;
 use crate::inflight::{Admission, Global, Seat, Tenants};
 use crate::key::{Extension, KeyExtractor, TenantKey};
+use crate::observe::{Decision, Event, Hook, LayerKind, Observer, refusal};
 use crate::policy::{Plan, Policy, PolicyHandle, PolicyListener};
 
 /// How many tenants may have requests in flight or waiting at once unless
@@ -39,6 +40,7 @@ pub struct ConcurrencyCapLayer<K = Extension<TenantKey>> {
     runtime: Arc<Runtime>,
     key: K,
     config: Config,
+    observer: Hook,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -54,6 +56,8 @@ pub(super) struct Config {
 pub(crate) struct Runtime {
     /// Whether any plan caps tenants (else the tenant need not be known).
     per_tenant: AtomicBool,
+    /// Whether the policy blocks any tenant.
+    blocking: AtomicBool,
     policy: ArcSwap<Policy>,
     tenants: Tenants,
     global: Global,
@@ -63,13 +67,19 @@ pub(crate) struct Runtime {
     global_capped: AtomicU64,
     timed_out: AtomicU64,
     key_rejected: AtomicU64,
+    blocked: AtomicU64,
 }
 
 impl PolicyListener for Runtime {
-    fn policy_changed(&self, _old: &Policy, new: &Arc<Policy>) {
+    fn policy_changed(&self, old: &Policy, new: &Arc<Policy>) {
         self.policy.store(Arc::clone(new));
         self.per_tenant
             .store(new.any_concurrency(), Ordering::Release);
+        self.blocking.store(new.any_blocked(), Ordering::Release);
+        let shadow = new.is_shadow(LayerKind::ConcurrencyCap);
+        if old.is_shadow(LayerKind::ConcurrencyCap) != shadow {
+            self.refusals.set_shadow(shadow);
+        }
     }
 }
 
@@ -78,6 +88,7 @@ impl Runtime {
         let seen = policy.current();
         let runtime = Arc::new(Self {
             per_tenant: AtomicBool::new(seen.any_concurrency()),
+            blocking: AtomicBool::new(seen.any_blocked()),
             policy: ArcSwap::new(Arc::clone(&seen)),
             tenants: Tenants::new(max_active, false),
             global: Global::default(),
@@ -87,16 +98,46 @@ impl Runtime {
             global_capped: AtomicU64::new(0),
             timed_out: AtomicU64::new(0),
             key_rejected: AtomicU64::new(0),
+            blocked: AtomicU64::new(0),
         });
+        runtime
+            .refusals
+            .set_shadow(seen.is_shadow(LayerKind::ConcurrencyCap));
         let listener: Arc<dyn PolicyListener> = runtime.clone();
         policy.subscribe(&listener, &seen);
         runtime
     }
 
-    /// Counts and logs a refusal; `true` if shadow mode lets it through.
-    fn refuse(&self, rejection: &Rejection, counter: &AtomicU64) -> bool {
-        self.refusals
-            .record("concurrency", rejection, counter, self.clock.now_nanos())
+    fn stats(&self) -> ConcurrencyStats {
+        let (tenants_in_flight, tenants_waiting, tracked_tenants) = self.tenants.totals();
+        ConcurrencyStats {
+            tenant_capped: self.tenant_capped.load(Ordering::Relaxed),
+            global_capped: self.global_capped.load(Ordering::Relaxed),
+            timed_out: self.timed_out.load(Ordering::Relaxed),
+            key_rejected: self.key_rejected.load(Ordering::Relaxed),
+            blocked: self.blocked.load(Ordering::Relaxed),
+            shadow_rejected: self.refusals.shadowed.load(Ordering::Relaxed),
+            tenants_in_flight,
+            global_in_flight: self.global.in_flight(),
+            waiting: tenants_waiting + self.global.waiting() as u64,
+            tracked_tenants,
+        }
+    }
+
+    /// Counts, logs and reports a refusal; `true` if shadow mode lets it
+    /// through.
+    fn refuse(
+        &self,
+        rejection: &Rejection,
+        counter: &AtomicU64,
+        observer: &Hook,
+        waited: Option<Duration>,
+    ) -> bool {
+        let shadow = self
+            .refusals
+            .record("concurrency", rejection, counter, self.clock.now_nanos());
+        observer.emit(|| refusal(LayerKind::ConcurrencyCap, rejection, shadow, waited));
+        shadow
     }
 }
 
@@ -118,6 +159,7 @@ impl ConcurrencyCapLayer {
                 queue: None,
                 retry_after: DEFAULT_RETRY_AFTER,
             },
+            observer: Hook::default(),
         }
     }
 }
@@ -131,6 +173,7 @@ impl<K> ConcurrencyCapLayer<K> {
             runtime: self.runtime,
             key,
             config: self.config,
+            observer: self.observer,
         }
     }
 
@@ -186,8 +229,19 @@ impl<K> ConcurrencyCapLayer<K> {
         self
     }
 
+    /// Reports every decision to `observer` (see [`observe`](crate::observe)).
+    /// Without a per-tenant cap the layer then also reads the tenant key,
+    /// for the reports only.
+    #[must_use]
+    pub fn observer(mut self, observer: impl Observer) -> Self {
+        self.observer = Hook::new(observer);
+        self
+    }
+
     /// Shadow (dry-run) mode: admit every request (counting it as in
     /// flight), but count and log the ones that would have been refused.
+    /// [`PolicyHandle::set_shadow`] switches every concurrency cap layer on
+    /// the policy at once.
     #[must_use]
     pub fn shadow(self, enabled: bool) -> Self {
         self.set_shadow(enabled);
@@ -209,19 +263,13 @@ impl<K> ConcurrencyCapLayer<K> {
     /// Counters and current state, shared by the layer's clones.
     #[must_use]
     pub fn stats(&self) -> ConcurrencyStats {
-        let r = &*self.runtime;
-        let (tenants_in_flight, tenants_waiting, tracked_tenants) = r.tenants.totals();
-        ConcurrencyStats {
-            tenant_capped: r.tenant_capped.load(Ordering::Relaxed),
-            global_capped: r.global_capped.load(Ordering::Relaxed),
-            timed_out: r.timed_out.load(Ordering::Relaxed),
-            key_rejected: r.key_rejected.load(Ordering::Relaxed),
-            shadow_rejected: r.refusals.shadowed.load(Ordering::Relaxed),
-            tenants_in_flight,
-            global_in_flight: r.global.in_flight(),
-            waiting: tenants_waiting + r.global.waiting() as u64,
-            tracked_tenants,
-        }
+        self.runtime.stats()
+    }
+
+    /// What [`stats`](Self::stats) reads, for a dashboard.
+    pub(crate) fn stats_source(&self) -> impl Fn() -> ConcurrencyStats + Send + Sync + 'static {
+        let runtime = Arc::clone(&self.runtime);
+        move || runtime.stats()
     }
 
     /// The policy the caps come from; change it through the handle.
@@ -246,6 +294,7 @@ impl<K> ConcurrencyCapLayer<K> {
             runtime: Arc::clone(&self.runtime),
             key: self.key.clone(),
             config: self.config,
+            observer: self.observer.clone(),
         })
     }
 }
@@ -257,6 +306,7 @@ impl<K: Clone> Clone for ConcurrencyCapLayer<K> {
             runtime: Arc::clone(&self.runtime),
             key: self.key.clone(),
             config: self.config,
+            observer: self.observer.clone(),
         }
     }
 }
@@ -319,6 +369,7 @@ impl<S, K: Clone> Layer<S> for GenericConcurrencyCapLayer<K> {
 
 /// Counters and state of a [`ConcurrencyCapLayer`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct ConcurrencyStats {
     /// Requests refused because their tenant was at its cap.
@@ -329,6 +380,8 @@ pub struct ConcurrencyStats {
     pub timed_out: u64,
     /// Requests refused for a missing, malformed or oversized key.
     pub key_rejected: u64,
+    /// Requests refused because their tenant is blocked.
+    pub blocked: u64,
     /// Requests that shadow mode let through but would have refused.
     pub shadow_rejected: u64,
     /// Requests in flight now, summed over tenants that have a cap.
@@ -346,6 +399,7 @@ pub(super) struct Shared<K> {
     runtime: Arc<Runtime>,
     key: K,
     config: Config,
+    observer: Hook,
 }
 
 /// The outcome of `call`.
@@ -363,13 +417,32 @@ impl<K> Shared<K> {
         let runtime = &self.runtime;
         if !runtime.per_tenant.load(Ordering::Acquire) {
             // No plan caps tenants: only the global cap applies, and the
-            // tenant does not matter.
-            return self.admit_global(None, Permit::empty());
+            // tenant matters only to a block or an observer, which do not
+            // make a missing key an error.
+            let blocking = runtime.blocking.load(Ordering::Acquire);
+            if !blocking && !self.observer.is_set() {
+                return self.admit_global(None, None, Permit::empty(), false);
+            }
+            let tenant = self
+                .key
+                .extract(req)
+                .ok()
+                .filter(|t| t.len() <= self.config.keys.max_len);
+            if blocking
+                && let Some(tenant) = &tenant
+                && runtime
+                    .policy
+                    .load()
+                    .is_blocked_hashed(tenant_hash(tenant.as_bytes()), tenant.as_bytes())
+            {
+                return self.refuse_blocked(tenant);
+            }
+            return self.admit_global(tenant.as_ref(), None, Permit::empty(), false);
         }
         let tenant = match self.config.keys.tenant(&self.key, req) {
             Ok(tenant) => tenant,
             Err(rejection) => {
-                return if runtime.refuse(&rejection, &runtime.key_rejected) {
+                return if runtime.refuse(&rejection, &runtime.key_rejected, &self.observer, None) {
                     Admit::Now(Permit::empty())
                 } else {
                     Admit::Reject(rejection)
@@ -385,14 +458,19 @@ impl<K> Shared<K> {
         let hash = tenant_hash(bytes);
         let mut permit = Permit::empty();
         let policy = runtime.policy.load();
+        if policy.is_blocked_hashed(hash, bytes) {
+            return self.refuse_blocked(&tenant);
+        }
         let plan = policy.plan_for_hashed(hash, bytes);
+        let mut reported = false;
         if let Some(cap) = plan.concurrency_limit() {
             match runtime.tenants.acquire(hash, cap, shadow, max_queue) {
                 Admission::Granted(seat) => {
                     permit.hold_tenant(runtime, seat);
                     if shadow && runtime.tenants.in_flight(hash) > cap {
                         let rejection = capped(&tenant, plan, cap, false);
-                        runtime.refuse(&rejection, &runtime.tenant_capped);
+                        runtime.refuse(&rejection, &runtime.tenant_capped, &self.observer, None);
+                        reported = true;
                     }
                 }
                 Admission::Wait(waiter, seat) => {
@@ -403,14 +481,16 @@ impl<K> Shared<K> {
                         stage: Stage::Tenant,
                         waiter: Some(waiter),
                         deadline: Box::pin(tokio::time::sleep(self.queue_wait())),
+                        since: runtime.clock.now_nanos(),
                         tenant: Some(tenant),
                         plan: Some(plan.clone()),
                         config: self.config,
+                        observer: self.observer.clone(),
                     }));
                 }
                 Admission::Full | Admission::NoRoom => {
                     let rejection = capped(&tenant, plan, cap, false);
-                    return if runtime.refuse(&rejection, &runtime.tenant_capped) {
+                    return if runtime.refuse(&rejection, &runtime.tenant_capped, &self.observer, None) {
                         Admit::Now(permit)
                     } else {
                         Admit::Reject(rejection)
@@ -418,13 +498,42 @@ impl<K> Shared<K> {
                 }
             }
         }
-        self.admit_global(Some((&tenant, plan)), permit)
+        self.admit_global(Some(&tenant), Some(plan), permit, reported)
     }
 
-    /// The global cap's part of `admit`.
-    fn admit_global(&self, tenant: Option<(&TenantKey, &Plan)>, mut permit: Permit) -> Admit {
+    /// Refuses a blocked tenant (shadow mode lets it through).
+    #[cold]
+    fn refuse_blocked(&self, tenant: &TenantKey) -> Admit {
         let runtime = &self.runtime;
+        let rejection = Rejection::Blocked {
+            tenant: tenant.clone(),
+        };
+        if runtime.refuse(&rejection, &runtime.blocked, &self.observer, None) {
+            Admit::Now(Permit::empty())
+        } else {
+            Admit::Reject(rejection)
+        }
+    }
+
+    /// The global cap's part of `admit`. `reported`: a shadow refusal was
+    /// already reported for this request.
+    fn admit_global(
+        &self,
+        tenant: Option<&TenantKey>,
+        plan: Option<&Plan>,
+        mut permit: Permit,
+        mut reported: bool,
+    ) -> Admit {
+        let runtime = &self.runtime;
+        let admitted = |reported: bool| {
+            if !reported {
+                self.observer.emit(|| {
+                    Event::new(LayerKind::ConcurrencyCap, Decision::Admitted, tenant).plan(plan)
+                });
+            }
+        };
         let Some(cap) = self.config.global_cap else {
+            admitted(reported);
             return Admit::Now(permit);
         };
         let shadow = runtime.refusals.is_shadow();
@@ -432,33 +541,33 @@ impl<K> Shared<K> {
             Some((max, _)) if !shadow => max,
             _ => 0,
         };
-        let key = tenant.map(|(t, _)| t);
         match runtime.global.acquire(cap, shadow, max_queue) {
             Admission::Granted(_) => {
                 permit.hold_global(runtime);
                 if shadow && runtime.global.in_flight() > cap {
-                    let rejection = overloaded(key, cap, false, &self.config);
-                    runtime.refuse(&rejection, &runtime.global_capped);
+                    let rejection = overloaded(tenant, cap, false, &self.config);
+                    runtime.refuse(&rejection, &runtime.global_capped, &self.observer, None);
+                    reported = true;
                 }
+                admitted(reported);
                 Admit::Now(permit)
             }
-            Admission::Wait(waiter, _) => {
-                let (tenant, plan) = tenant.map(|(t, p)| (t.clone(), p.clone())).unzip();
-                Admit::Wait(Box::new(Ticket {
-                    runtime: Arc::clone(runtime),
-                    seat: None,
-                    permit,
-                    stage: Stage::Global,
-                    waiter: Some(waiter),
-                    deadline: Box::pin(tokio::time::sleep(self.queue_wait())),
-                    tenant,
-                    plan,
-                    config: self.config,
-                }))
-            }
+            Admission::Wait(waiter, _) => Admit::Wait(Box::new(Ticket {
+                runtime: Arc::clone(runtime),
+                seat: None,
+                permit,
+                stage: Stage::Global,
+                waiter: Some(waiter),
+                deadline: Box::pin(tokio::time::sleep(self.queue_wait())),
+                since: runtime.clock.now_nanos(),
+                tenant: tenant.cloned(),
+                plan: plan.cloned(),
+                config: self.config,
+                observer: self.observer.clone(),
+            })),
             Admission::Full | Admission::NoRoom => {
-                let rejection = overloaded(key, cap, false, &self.config);
-                if runtime.refuse(&rejection, &runtime.global_capped) {
+                let rejection = overloaded(tenant, cap, false, &self.config);
+                if runtime.refuse(&rejection, &runtime.global_capped, &self.observer, None) {
                     Admit::Now(permit)
                 } else {
                     Admit::Reject(rejection)
@@ -560,9 +669,12 @@ pub(crate) struct Ticket {
     stage: Stage,
     waiter: Option<Arc<Waiter>>,
     deadline: Pin<Box<Sleep>>,
+    /// When it started waiting, on the runtime's clock.
+    since: u64,
     tenant: Option<TenantKey>,
     plan: Option<Plan>,
     config: Config,
+    observer: Hook,
 }
 
 impl Ticket {
@@ -571,6 +683,16 @@ impl Ticket {
     pub(crate) fn poll_permit(&mut self, cx: &mut Context<'_>) -> Poll<Result<Permit, Rejection>> {
         loop {
             let Some(waiter) = &self.waiter else {
+                let waited = self.waited();
+                self.observer.emit(|| {
+                    Event::new(
+                        LayerKind::ConcurrencyCap,
+                        Decision::Admitted,
+                        self.tenant.as_ref(),
+                    )
+                    .plan(self.plan.as_ref())
+                    .waited(Some(waited))
+                });
                 return Poll::Ready(Ok(std::mem::replace(&mut self.permit, Permit::empty())));
             };
             if waiter.register(cx.waker()) {
@@ -593,8 +715,12 @@ impl Ticket {
                         Admission::Full | Admission::NoRoom => {
                             let rejection =
                                 overloaded(self.tenant.as_ref(), cap, true, &self.config);
-                            self.runtime
-                                .refuse(&rejection, &self.runtime.global_capped);
+                            self.runtime.refuse(
+                                &rejection,
+                                &self.runtime.global_capped,
+                                &self.observer,
+                                Some(self.waited()),
+                            );
                             return Poll::Ready(Err(rejection));
                         }
                     }
@@ -630,9 +756,14 @@ impl Ticket {
                     &runtime.global_capped,
                 ),
             };
-            runtime.refuse(&rejection, counter);
+            runtime.refuse(&rejection, counter, &self.observer, Some(self.waited()));
             return Poll::Ready(Err(rejection));
         }
+    }
+
+    /// How long it has waited.
+    fn waited(&self) -> Duration {
+        Duration::from_nanos(self.runtime.clock.now_nanos().saturating_sub(self.since))
     }
 
     fn withdraw(&mut self) {

@@ -15,6 +15,7 @@ use tower_service::Service;
 use super::target::{Mode, Target};
 use crate::hash::tenant_hash;
 use crate::key::TenantKey;
+use crate::observe::{Decision, Event, Hook, LayerKind, Observer};
 use crate::sync::Mutex;
 
 /// Identifies one call to the purge backend.
@@ -99,6 +100,7 @@ impl Default for BatchConfig {
 
 /// Counters of a [`PurgeBatcher`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct PurgeStats {
     /// Purge requests submitted.
@@ -214,6 +216,7 @@ struct Inner<B> {
     abandoned: AtomicU64,
     batches: AtomicU64,
     items_sent: AtomicU64,
+    observer: parking_lot::RwLock<Hook>,
 }
 
 /// Groups purge requests per tenant into batches for a purge backend, and
@@ -327,8 +330,20 @@ where
                 abandoned: AtomicU64::new(0),
                 batches: AtomicU64::new(0),
                 items_sent: AtomicU64::new(0),
+                observer: parking_lot::RwLock::new(Hook::default()),
             }),
         }
+    }
+
+    /// Reports each request's outcome to `observer` (see
+    /// [`observe`](crate::observe)) once its batch answered:
+    /// [`Decision::Batched`] for the request whose item was sent,
+    /// [`Decision::Coalesced`] for one that joined another's item. Applies
+    /// to this batcher and its clones.
+    #[must_use]
+    pub fn observer(self, observer: impl Observer) -> Self {
+        *self.inner.observer.write() = Hook::new(observer);
+        self
     }
 
     /// Purges `target` of `tenant` in `mode`, as part of a batch, and
@@ -621,9 +636,18 @@ where
         }
         let items = std::mem::take(&mut self.items);
         let mut targets = Vec::with_capacity(count);
+        let observer = self.inner.observer.read().clone();
         for (item, result) in items.into_iter().zip(results) {
             targets.push(item.target);
             for waiter in item.waiters.into_values() {
+                observer.emit(|| {
+                    let decision = if waiter.coalesced {
+                        Decision::Coalesced
+                    } else {
+                        Decision::Batched
+                    };
+                    Event::new(LayerKind::Purge, decision, Some(&self.tenant))
+                });
                 let _ = waiter.tx.send(PurgeOutcome {
                     result: result.clone(),
                     batch: self.batch,

@@ -13,8 +13,9 @@ use crate::error::{RateLimited, Rejection};
 use crate::hash::tenant_hash;
 use crate::common::{KeyRules, MissingKey, Refusals};
 use crate::key::{Extension, KeyExtractor, TenantKey};
-use crate::limiter::{Allowed, Deferred, Denied, RateLimiter, RateLimiterStats};
-use crate::policy::Plan;
+use crate::limiter::{Allowed, Deferred, Denied, DenyReason, RateLimiter, RateLimiterStats};
+use crate::observe::{Decision, Event, Hook, LayerKind, Observer, refusal};
+use crate::policy::{Plan, Policy, PolicyListener};
 use crate::response::ratelimit_value;
 
 #[derive(Debug, Clone, Copy)]
@@ -49,6 +50,7 @@ pub struct RateLimitLayer<K = Extension<TenantKey>, C = UnitCost> {
     cost: C,
     config: Config,
     state: Arc<LayerState>,
+    observer: Hook,
 }
 
 impl RateLimitLayer {
@@ -57,6 +59,12 @@ impl RateLimitLayer {
     /// extension.
     #[must_use]
     pub fn new(limiter: RateLimiter) -> Self {
+        let state = Arc::new(LayerState::default());
+        let policy = limiter.policy();
+        let seen = policy.current();
+        state.refusals.set_shadow(seen.is_shadow(LayerKind::RateLimit));
+        let listener: Arc<dyn PolicyListener> = state.clone();
+        policy.subscribe(&listener, &seen);
         Self {
             limiter,
             key: Extension::default(),
@@ -65,7 +73,8 @@ impl RateLimitLayer {
                 keys: KeyRules::default(),
                 success_headers: false,
             },
-            state: Arc::new(LayerState::default()),
+            state,
+            observer: Hook::default(),
         }
     }
 }
@@ -80,6 +89,7 @@ impl<K, C> RateLimitLayer<K, C> {
             cost: self.cost,
             config: self.config,
             state: self.state,
+            observer: self.observer,
         }
     }
 
@@ -92,6 +102,7 @@ impl<K, C> RateLimitLayer<K, C> {
             cost,
             config: self.config,
             state: self.state,
+            observer: self.observer,
         }
     }
 
@@ -118,9 +129,18 @@ impl<K, C> RateLimitLayer<K, C> {
         self
     }
 
+    /// Reports every decision to `observer` (see [`observe`](crate::observe)).
+    /// Combine several with a tuple.
+    #[must_use]
+    pub fn observer(mut self, observer: impl Observer) -> Self {
+        self.observer = Hook::new(observer);
+        self
+    }
+
     /// Shadow (dry-run) mode: admit every request, but count and log the
     /// ones that would have been refused. Can be switched at run time with
-    /// [`set_shadow`](Self::set_shadow).
+    /// [`set_shadow`](Self::set_shadow), or for every rate limit layer on
+    /// the policy with [`PolicyHandle::set_shadow`](crate::PolicyHandle::set_shadow).
     #[must_use]
     pub fn shadow(self, enabled: bool) -> Self {
         self.set_shadow(enabled);
@@ -151,6 +171,12 @@ impl<K, C> RateLimitLayer<K, C> {
         self.state.stats(self.limiter.stats())
     }
 
+    /// What [`stats`](Self::stats) reads, for a dashboard.
+    pub(crate) fn stats_source(&self) -> impl Fn() -> RateLimitStats + Send + Sync + 'static {
+        let (state, limiter) = (Arc::clone(&self.state), self.limiter.clone());
+        move || state.stats(limiter.stats())
+    }
+
     /// The same layer for any request type, failing refused requests with a
     /// [`Rejection`] error instead of answering them.
     #[must_use]
@@ -169,6 +195,7 @@ impl<K, C> RateLimitLayer<K, C> {
             cost: self.cost.clone(),
             config: self.config,
             state: Arc::clone(&self.state),
+            observer: self.observer.clone(),
         })
     }
 }
@@ -181,6 +208,7 @@ impl<K: Clone, C: Clone> Clone for RateLimitLayer<K, C> {
             cost: self.cost.clone(),
             config: self.config,
             state: Arc::clone(&self.state),
+            observer: self.observer.clone(),
         }
     }
 }
@@ -193,6 +221,7 @@ impl<K: fmt::Debug, C: fmt::Debug> fmt::Debug for RateLimitLayer<K, C> {
             .field("cost", &self.cost)
             .field("config", &self.config)
             .field("shadow", &self.is_shadow())
+            .field("observer", &self.observer)
             .finish()
     }
 }
@@ -265,10 +294,13 @@ impl<S, K: Clone, C: Clone> Layer<S> for GenericRateLimitLayer<K, C> {
 
 /// Counters of a [`RateLimitLayer`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct RateLimitStats {
     /// Requests refused because their tenant was over its rate.
     pub rate_limited: u64,
+    /// Requests refused because their tenant is blocked.
+    pub blocked: u64,
     /// Requests refused for a missing, malformed or oversized key.
     pub key_rejected: u64,
     /// Requests refused for an unreadable cost.
@@ -283,6 +315,7 @@ pub struct RateLimitStats {
 pub(super) struct LayerState {
     refusals: Refusals,
     rate_limited: AtomicU64,
+    blocked: AtomicU64,
     key_rejected: AtomicU64,
     cost_rejected: AtomicU64,
 }
@@ -291,10 +324,20 @@ impl LayerState {
     fn stats(&self, limiter: RateLimiterStats) -> RateLimitStats {
         RateLimitStats {
             rate_limited: self.rate_limited.load(Ordering::Relaxed),
+            blocked: self.blocked.load(Ordering::Relaxed),
             key_rejected: self.key_rejected.load(Ordering::Relaxed),
             cost_rejected: self.cost_rejected.load(Ordering::Relaxed),
             shadow_rejected: self.refusals.shadowed.load(Ordering::Relaxed),
             limiter,
+        }
+    }
+}
+
+impl PolicyListener for LayerState {
+    fn policy_changed(&self, old: &Policy, new: &Arc<Policy>) {
+        let shadow = new.is_shadow(LayerKind::RateLimit);
+        if old.is_shadow(LayerKind::RateLimit) != shadow {
+            self.refusals.set_shadow(shadow);
         }
     }
 }
@@ -306,6 +349,7 @@ pub(super) struct Shared<K, C> {
     cost: C,
     config: Config,
     state: Arc<LayerState>,
+    observer: Hook,
 }
 
 /// Headers for an admitted response.
@@ -335,13 +379,16 @@ impl<K, C> Shared<K, C> {
     {
         match self.judge(req) {
             Admit::Now(Ok(headers)) => Admit::Now(Ok(headers)),
-            Admit::Now(Err(rejection)) => Admit::Now(refuse(&self.state, &self.limiter, rejection)),
+            Admit::Now(Err(rejection)) => {
+                Admit::Now(refuse(&self.state, &self.limiter, &self.observer, rejection))
+            }
             Admit::Later(verdict) => {
                 let (state, limiter) = (Arc::clone(&self.state), self.limiter.clone());
+                let observer = self.observer.clone();
                 Admit::Later(Box::pin(async move {
                     match verdict.await {
                         Ok(headers) => Ok(headers),
-                        Err(rejection) => refuse(&state, &limiter, rejection),
+                        Err(rejection) => refuse(&state, &limiter, &observer, rejection),
                     }
                 }))
             }
@@ -366,15 +413,17 @@ impl<K, C> Shared<K, C> {
         let hash = tenant_hash(bytes);
         let success_headers = self.config.success_headers;
         if !self.limiter.is_remote() {
+            let observer = &self.observer;
             return Admit::Now(self.limiter.decide(hash, bytes, cost, |plan, result| {
-                verdict(plan, result, success_headers, &tenant)
+                verdict(plan, result, success_headers, &tenant, cost, observer)
             }));
         }
         let owned = tenant.clone();
+        let observer = self.observer.clone();
         match self
             .limiter
             .decide_deferred(hash, &tenant, cost, move |plan, result| {
-                verdict(plan, result, success_headers, &owned)
+                verdict(plan, result, success_headers, &owned, cost, &observer)
             }) {
             Deferred::Now(verdict) => Admit::Now(verdict),
             Deferred::Later(verdict) => Admit::Later(verdict),
@@ -382,23 +431,42 @@ impl<K, C> Shared<K, C> {
     }
 }
 
-/// The verdict for a limiter's result.
+/// The verdict for a limiter's result; reports admissions.
 #[inline]
 fn verdict(
     plan: &Plan,
     result: Result<Allowed, Denied>,
     success_headers: bool,
     tenant: &TenantKey,
+    cost: u32,
+    observer: &Hook,
 ) -> Verdict {
     match result {
-        Ok(allowed) => Ok(match (success_headers, allowed.usage()) {
-            (true, Some(usage)) => plan.rate_policy_header().map(|policy| {
-                Box::new(SuccessHeaders {
-                    policy: policy.clone(),
-                    limit: ratelimit_value(plan, usage),
-                })
-            }),
-            _ => None,
+        Ok(allowed) => {
+            observer.emit(|| {
+                Event::new(LayerKind::RateLimit, Decision::Admitted, Some(tenant))
+                    .plan(Some(plan))
+                    .cost(cost)
+            });
+            if allowed.is_fallback() {
+                observer.emit(|| {
+                    Event::new(LayerKind::RateLimit, Decision::StoreFallback, Some(tenant))
+                        .plan(Some(plan))
+                        .cost(cost)
+                });
+            }
+            Ok(match (success_headers, allowed.usage()) {
+                (true, Some(usage)) => plan.rate_policy_header().map(|policy| {
+                    Box::new(SuccessHeaders {
+                        policy: policy.clone(),
+                        limit: ratelimit_value(plan, usage),
+                    })
+                }),
+                _ => None,
+            })
+        }
+        Err(denied) if denied.reason() == DenyReason::Blocked => Err(Rejection::Blocked {
+            tenant: tenant.clone(),
         }),
         Err(denied) => Err(Rejection::RateLimited(RateLimited::new(
             tenant.clone(),
@@ -408,18 +476,35 @@ fn verdict(
     }
 }
 
-/// Counts and logs a refusal; shadow mode admits instead.
+/// Counts, logs and reports a refusal; shadow mode admits instead.
 #[cold]
-fn refuse(state: &LayerState, limiter: &RateLimiter, rejection: Rejection) -> Verdict {
+fn refuse(
+    state: &LayerState,
+    limiter: &RateLimiter,
+    observer: &Hook,
+    rejection: Rejection,
+) -> Verdict {
     let counter = match rejection {
         Rejection::RateLimited(_) => &state.rate_limited,
+        Rejection::Blocked { .. } => &state.blocked,
         Rejection::InvalidCost { .. } => &state.cost_rejected,
         _ => &state.key_rejected,
     };
     let now = limiter.clock().now_nanos();
-    if state.refusals.record("rate_limit", &rejection, counter, now) {
-        Ok(None)
-    } else {
-        Err(rejection)
+    let shadow = state.refusals.record("rate_limit", &rejection, counter, now);
+    if observer.is_set() {
+        let event = refusal(LayerKind::RateLimit, &rejection, shadow, None);
+        observer.emit(|| event);
+        if rejection
+            .as_rate_limited()
+            .is_some_and(|l| l.denied().is_fallback())
+        {
+            observer.emit(|| Event {
+                decision: Decision::StoreFallback,
+                rejection: None,
+                ..event
+            });
+        }
     }
+    if shadow { Ok(None) } else { Err(rejection) }
 }

@@ -23,6 +23,7 @@ use crate::concurrency::DEFAULT_MAX_ACTIVE_TENANTS;
 use crate::hash::tenant_hash;
 use crate::inflight::{Admission, Seat, Tenants};
 use crate::key::{Extension, KeyExtractor, TenantKey};
+use crate::observe::{Decision, Event, Hook, LayerKind, Observer, refusal};
 use crate::policy::{Plan, Policy, PolicyHandle, PolicyListener};
 use crate::sync::{AtomicU64 as GateWord, Mutex};
 
@@ -35,6 +36,7 @@ pub struct LoadShedLayer<K = Extension<TenantKey>, P = FromExtension> {
     runtime: Arc<Runtime>,
     key: K,
     priority: P,
+    observer: Hook,
 }
 
 /// The knobs; copied into every service.
@@ -57,6 +59,8 @@ pub(crate) struct Runtime {
     queues: Mutex<Queues>,
     /// Whether any plan sets a priority (else the policy need not be read).
     plan_priorities: AtomicBool,
+    /// Whether the policy blocks any tenant.
+    blocking: AtomicBool,
     policy: ArcSwap<Policy>,
     tenants: Tenants,
     refusals: Refusals,
@@ -64,6 +68,7 @@ pub(crate) struct Runtime {
     shed_capacity: AtomicU64,
     shed_fair_share: AtomicU64,
     shed_timeout: AtomicU64,
+    blocked: AtomicU64,
 }
 
 /// One FIFO queue per priority, and CoDel's view of them.
@@ -85,10 +90,15 @@ impl Queues {
 }
 
 impl PolicyListener for Runtime {
-    fn policy_changed(&self, _old: &Policy, new: &Arc<Policy>) {
+    fn policy_changed(&self, old: &Policy, new: &Arc<Policy>) {
         self.policy.store(Arc::clone(new));
         self.plan_priorities
             .store(new.any_priority(), Ordering::Release);
+        self.blocking.store(new.any_blocked(), Ordering::Release);
+        let shadow = new.is_shadow(LayerKind::LoadShed);
+        if old.is_shadow(LayerKind::LoadShed) != shadow {
+            self.refusals.set_shadow(shadow);
+        }
     }
 }
 
@@ -101,6 +111,7 @@ impl Runtime {
             word: GateWord::new(0),
             queues: Mutex::new(Queues::default()),
             plan_priorities: AtomicBool::new(seen.any_priority()),
+            blocking: AtomicBool::new(seen.any_blocked()),
             policy: ArcSwap::new(Arc::clone(&seen)),
             tenants: Tenants::new(DEFAULT_MAX_ACTIVE_TENANTS, true),
             refusals: Refusals::default(),
@@ -108,7 +119,11 @@ impl Runtime {
             shed_capacity: AtomicU64::new(0),
             shed_fair_share: AtomicU64::new(0),
             shed_timeout: AtomicU64::new(0),
+            blocked: AtomicU64::new(0),
         });
+        runtime
+            .refusals
+            .set_shadow(seen.is_shadow(LayerKind::LoadShed));
         let listener: Arc<dyn PolicyListener> = runtime.clone();
         policy.subscribe(&listener, &seen);
         runtime
@@ -133,9 +148,36 @@ impl Runtime {
         gate::count(self.word.load(Ordering::Acquire))
     }
 
-    fn refuse(&self, rejection: &Rejection, counter: &AtomicU64) -> bool {
-        self.refusals
-            .record("load_shed", rejection, counter, self.clock.now_nanos())
+    fn stats(&self) -> ShedStats {
+        let queues = self.queues.lock();
+        ShedStats {
+            shed_capacity: self.shed_capacity.load(Ordering::Relaxed),
+            shed_fair_share: self.shed_fair_share.load(Ordering::Relaxed),
+            shed_timeout: self.shed_timeout.load(Ordering::Relaxed),
+            blocked: self.blocked.load(Ordering::Relaxed),
+            shadow_rejected: self.refusals.shadowed.load(Ordering::Relaxed),
+            in_flight: self.in_flight(),
+            limit: self.controller.limit(),
+            waiting: queues.len(),
+            overloaded: queues.codel.overloaded(),
+            active_tenants: self.tenants.active(),
+        }
+    }
+
+    /// Counts, logs and reports a refusal; `true` if shadow mode lets it
+    /// through.
+    fn refuse(
+        &self,
+        rejection: &Rejection,
+        counter: &AtomicU64,
+        observer: &Hook,
+        waited: Option<Duration>,
+    ) -> bool {
+        let shadow = self
+            .refusals
+            .record("load_shed", rejection, counter, self.clock.now_nanos());
+        observer.emit(|| refusal(LayerKind::LoadShed, rejection, shadow, waited));
+        shadow
     }
 
     fn overloaded(
@@ -263,6 +305,7 @@ impl LoadShedLayer {
             policy,
             key: Extension::default(),
             priority: FromExtension::default(),
+            observer: Hook::default(),
         }
     }
 }
@@ -310,6 +353,7 @@ impl<K, P> LoadShedLayer<K, P> {
             runtime: self.runtime,
             key,
             priority: self.priority,
+            observer: self.observer,
         }
     }
 
@@ -322,6 +366,7 @@ impl<K, P> LoadShedLayer<K, P> {
             runtime: self.runtime,
             key: self.key,
             priority,
+            observer: self.observer,
         }
     }
 
@@ -361,8 +406,18 @@ impl<K, P> LoadShedLayer<K, P> {
         self.rebuild(|c| c.retry_after = wait)
     }
 
+    /// Reports every decision to `observer` (see [`observe`](crate::observe)).
+    /// The layer then also reads the tenant key of every request, for the
+    /// reports.
+    #[must_use]
+    pub fn observer(mut self, observer: impl Observer) -> Self {
+        self.observer = Hook::new(observer);
+        self
+    }
+
     /// Shadow (dry-run) mode: admit everything, count and log what would
-    /// have been refused.
+    /// have been refused. [`PolicyHandle::set_shadow`] switches every load
+    /// shed layer on the [policy](Self::policy) at once.
     #[must_use]
     pub fn shadow(self, enabled: bool) -> Self {
         self.set_shadow(enabled);
@@ -384,19 +439,13 @@ impl<K, P> LoadShedLayer<K, P> {
     /// Counters and current state, shared by the layer's clones.
     #[must_use]
     pub fn stats(&self) -> ShedStats {
-        let r = &*self.runtime;
-        let queues = r.queues.lock();
-        ShedStats {
-            shed_capacity: r.shed_capacity.load(Ordering::Relaxed),
-            shed_fair_share: r.shed_fair_share.load(Ordering::Relaxed),
-            shed_timeout: r.shed_timeout.load(Ordering::Relaxed),
-            shadow_rejected: r.refusals.shadowed.load(Ordering::Relaxed),
-            in_flight: r.in_flight(),
-            limit: r.controller.limit(),
-            waiting: queues.len(),
-            overloaded: queues.codel.overloaded(),
-            active_tenants: r.tenants.active(),
-        }
+        self.runtime.stats()
+    }
+
+    /// What [`stats`](Self::stats) reads, for a dashboard.
+    pub(crate) fn stats_source(&self) -> impl Fn() -> ShedStats + Send + Sync + 'static {
+        let runtime = Arc::clone(&self.runtime);
+        move || runtime.stats()
     }
 
     /// The same layer for any request type: refused requests fail with a
@@ -415,6 +464,7 @@ impl<K, P> LoadShedLayer<K, P> {
             runtime: Arc::clone(&self.runtime),
             key: self.key.clone(),
             priority: self.priority.clone(),
+            observer: self.observer.clone(),
         })
     }
 }
@@ -426,6 +476,7 @@ impl<K: Clone, P: Clone> Clone for LoadShedLayer<K, P> {
             runtime: Arc::clone(&self.runtime),
             key: self.key.clone(),
             priority: self.priority.clone(),
+            observer: self.observer.clone(),
         }
     }
 }
@@ -489,6 +540,7 @@ impl<S, K: Clone, P: Clone> Layer<S> for GenericLoadShedLayer<K, P> {
 
 /// Counters and state of a [`LoadShedLayer`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[non_exhaustive]
 pub struct ShedStats {
     /// Requests refused because their priority's capacity was used up.
@@ -497,6 +549,8 @@ pub struct ShedStats {
     pub shed_fair_share: u64,
     /// Requests that waited in the queue until CoDel's deadline.
     pub shed_timeout: u64,
+    /// Requests refused because their tenant is blocked.
+    pub blocked: u64,
     /// Requests that shadow mode let through but would have refused.
     pub shadow_rejected: u64,
     /// Requests in flight now.
@@ -516,6 +570,7 @@ pub(super) struct Shared<K, P> {
     runtime: Arc<Runtime>,
     key: K,
     priority: P,
+    observer: Hook,
 }
 
 pub(super) enum Admit {
@@ -536,13 +591,29 @@ impl<K, P> Shared<K, P> {
         let timed = runtime.controller.is_adaptive() || config.queue.is_some();
         let now = if timed { runtime.clock.now_nanos() } else { 0 };
         let plan_priorities = runtime.plan_priorities.load(Ordering::Acquire);
-        // The tenant is only needed for fairness and for plan priorities.
-        let tenant = if config.fairness || plan_priorities {
+        let blocking = runtime.blocking.load(Ordering::Acquire);
+        // The tenant is only needed for fairness, plan priorities, blocks
+        // and reports.
+        let tenant = if config.fairness || plan_priorities || blocking || self.observer.is_set() {
             self.key.extract(req).ok()
         } else {
             None
         };
         let hash = tenant.as_ref().map(|t| tenant_hash(t.as_bytes()));
+        // Whether a shadow refusal was reported already for this request.
+        let mut reported = false;
+        if blocking
+            && let (Some(tenant), Some(hash)) = (&tenant, hash)
+            && runtime.policy.load().is_blocked_hashed(hash, tenant.as_bytes())
+        {
+            let rejection = Rejection::Blocked {
+                tenant: tenant.clone(),
+            };
+            if !runtime.refuse(&rejection, &runtime.blocked, &self.observer, None) {
+                return Admit::Reject(rejection);
+            }
+            reported = true;
+        }
         let priority = match self.priority.priority(req) {
             Some(priority) => priority,
             None => match (&tenant, hash) {
@@ -578,9 +649,10 @@ impl<K, P> Shared<K, P> {
                     in_flight,
                     limit,
                 );
-                if !runtime.refuse(&rejection, &runtime.shed_fair_share) {
+                if !runtime.refuse(&rejection, &runtime.shed_fair_share, &self.observer, None) {
                     return Admit::Reject(rejection);
                 }
+                reported = true;
             }
         }
 
@@ -597,9 +669,17 @@ impl<K, P> Shared<K, P> {
             permit.seat = Some(seat);
         }
 
+        let admitted = |reported: bool| {
+            if !reported {
+                self.observer.emit(|| {
+                    Event::new(LayerKind::LoadShed, Decision::Admitted, tenant.as_ref())
+                });
+            }
+        };
         match gate::try_acquire(&runtime.word, ceiling, shadow) {
             Fast::Done(_) => {
                 permit.global = true;
+                admitted(reported);
                 return Admit::Now(permit);
             }
             Fast::Full if config.queue.is_none() => {}
@@ -623,6 +703,7 @@ impl<K, P> Shared<K, P> {
                 ) {
                     Ok(_) => {
                         permit.global = true;
+                        admitted(reported);
                         return Admit::Now(permit);
                     }
                     Err(actual) => {
@@ -640,7 +721,7 @@ impl<K, P> Shared<K, P> {
                     count,
                     limit,
                 );
-                return if runtime.refuse(&rejection, &runtime.shed_capacity) {
+                return if runtime.refuse(&rejection, &runtime.shed_capacity, &self.observer, None) {
                     Admit::Now(permit)
                 } else {
                     Admit::Reject(rejection)
@@ -676,6 +757,7 @@ impl<K, P> Shared<K, P> {
             since: now,
             deadline: Box::pin(tokio::time::sleep(wait)),
             tenant,
+            observer: self.observer.clone(),
         }))
     }
 }
@@ -739,6 +821,7 @@ pub(crate) struct Ticket {
     since: u64,
     deadline: Pin<Box<Sleep>>,
     tenant: Option<TenantKey>,
+    observer: Hook,
 }
 
 impl Ticket {
@@ -751,9 +834,14 @@ impl Ticket {
             self.permit.global = true;
             // Latency is measured from here: the wait in this queue is the
             // shedder's own doing, not the service's.
+            let now = self.runtime.clock.now_nanos();
             if self.runtime.controller.is_adaptive() {
-                self.permit.started = self.runtime.clock.now_nanos();
+                self.permit.started = now;
             }
+            self.observer.emit(|| {
+                Event::new(LayerKind::LoadShed, Decision::Admitted, self.tenant.as_ref())
+                    .waited(Some(Duration::from_nanos(now.saturating_sub(self.since))))
+            });
             return Poll::Ready(Ok(self.take_permit()));
         }
         if self.deadline.as_mut().poll(cx).is_pending() {
@@ -769,7 +857,13 @@ impl Ticket {
             runtime.controller.limit(),
         );
         runtime.shed_timeout.fetch_add(1, Ordering::Relaxed);
-        runtime.refuse(&rejection, &runtime.shed_capacity);
+        let waited = runtime.clock.now_nanos().saturating_sub(self.since);
+        runtime.refuse(
+            &rejection,
+            &runtime.shed_capacity,
+            &self.observer,
+            Some(Duration::from_nanos(waited)),
+        );
         Poll::Ready(Err(rejection))
     }
 
