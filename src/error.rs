@@ -129,6 +129,14 @@ impl Rejection {
         }
     }
 
+    /// The HTTP response the layers answer this refusal with (status,
+    /// headers and `application/problem+json` body; see
+    /// [`response`](crate::response)), for refusals made in a handler.
+    #[must_use]
+    pub fn to_http_response(&self) -> http::Response<bytes::Bytes> {
+        crate::response::http_response(self)
+    }
+
     /// The rate-limit details, if that is the cause.
     #[must_use]
     pub fn as_rate_limited(&self) -> Option<&RateLimited> {
@@ -345,5 +353,14 @@ impl From<Rejection> for tonic::Status {
             }
         }
         status
+    }
+}
+
+#[cfg(feature = "axum")]
+impl axum::response::IntoResponse for Rejection {
+    /// [`to_http_response`](Rejection::to_http_response), for handlers that
+    /// return `Result<_, Rejection>`.
+    fn into_response(self) -> axum::response::Response {
+        self.to_http_response().map(axum::body::Body::from)
     }
 }

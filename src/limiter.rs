@@ -265,6 +265,48 @@ impl RateLimiter {
         }
     }
 
+    /// Charges `tenant` `cost` units like [`check`](Self::check), for costs
+    /// known only inside a handler (a purge's number of URLs); a refusal is
+    /// the [`Rejection`](crate::Rejection) the layer would answer with (429
+    /// naming the plan, 403 for a blocked tenant), ready to be sent with
+    /// [`Rejection::to_http_response`](crate::Rejection::to_http_response)
+    /// or, with axum, returned from the handler.
+    ///
+    /// On a Redis limiter this decides without Redis: use
+    /// [`admit_async`](Self::admit_async) there.
+    ///
+    /// # Errors
+    ///
+    /// The [`Rejection`](crate::Rejection) when the quota does not allow it
+    /// now.
+    pub fn admit(&self, tenant: &TenantKey, cost: u32) -> Result<Allowed, crate::Rejection> {
+        let bytes = tenant.as_bytes();
+        self.decide(tenant_hash(bytes), bytes, cost, |plan, result| {
+            rejection(tenant, plan, result)
+        })
+    }
+
+    /// [`admit`](Self::admit), asking the store whatever it is (a round trip
+    /// to Redis, or its failure policy).
+    ///
+    /// # Errors
+    ///
+    /// As for [`admit`](Self::admit).
+    pub async fn admit_async(
+        &self,
+        tenant: &TenantKey,
+        cost: u32,
+    ) -> Result<Allowed, crate::Rejection> {
+        let hash = tenant_hash(tenant.as_bytes());
+        let owned = tenant.clone();
+        match self.decide_deferred(hash, tenant, cost, move |plan, result| {
+            rejection(&owned, plan, result)
+        }) {
+            Deferred::Now(result) => result,
+            Deferred::Later(future) => future.await,
+        }
+    }
+
     /// Whether decisions go to a remote store (and may take a round trip).
     #[inline]
     pub(crate) fn is_remote(&self) -> bool {
@@ -562,6 +604,27 @@ pub(crate) enum Deferred<R> {
     Later(std::pin::Pin<Box<dyn std::future::Future<Output = R> + Send>>),
 }
 
+/// A limiter's result with a refusal as the layer's rejection.
+fn rejection(
+    tenant: &TenantKey,
+    plan: &Plan,
+    result: Result<Allowed, Denied>,
+) -> Result<Allowed, crate::Rejection> {
+    result.map_err(|denied| {
+        if denied.reason() == DenyReason::Blocked {
+            crate::Rejection::Blocked {
+                tenant: tenant.clone(),
+            }
+        } else {
+            crate::Rejection::RateLimited(crate::RateLimited::new(
+                tenant.clone(),
+                plan.clone(),
+                denied,
+            ))
+        }
+    })
+}
+
 /// The result of a GCRA step for `cost`, with the bucket it leaves.
 fn outcome(step: Step, tat: u64, now: u64, cost: u32, quota: &Quota) -> Result<Allowed, Denied> {
     let usage = Usage::at(tat, now, quota);
@@ -737,6 +800,29 @@ mod tests {
 
     fn nz(n: u32) -> NonZeroU32 {
         NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN)
+    }
+
+    #[test]
+    fn admit_refuses_with_the_layers_rejection() {
+        let (clock, _time) = Clock::manual();
+        let policy = crate::PolicyHandle::new(Policy::new(
+            Plan::new("items").rate(Quota::per_second(nz(10))),
+        ));
+        let limiter = RateLimiter::builder(policy.clone()).clock(clock).build();
+        let tenant = TenantKey::from("acme");
+        assert!(limiter.admit(&tenant, 10).is_ok());
+        let refused = limiter.admit(&tenant, 5).err();
+        let limited = refused.as_ref().and_then(crate::Rejection::as_rate_limited);
+        assert_eq!(limited.map(|l| l.plan().name()), Some("items"));
+        assert_eq!(limited.map(|l| l.denied().cost()), Some(5));
+        let response = refused.map(|r| r.to_http_response());
+        assert_eq!(response.map(|r| r.status().as_u16()), Some(429));
+        policy.block("acme");
+        assert!(matches!(
+            limiter.admit(&tenant, 1),
+            Err(crate::Rejection::Blocked { .. })
+        ));
+        assert!(limiter.admit(&TenantKey::from("other"), 1).is_ok());
     }
 
     #[test]

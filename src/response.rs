@@ -232,7 +232,7 @@ pub(crate) fn rejection_response<B>(rejection: Rejection, grpc: bool) -> Respons
     response.map(ResponseBody::full)
 }
 
-fn http_response(rejection: &Rejection) -> Response<Bytes> {
+pub(crate) fn http_response(rejection: &Rejection) -> Response<Bytes> {
     let status = rejection.status();
     let mut body = String::with_capacity(256);
     body.push('{');
