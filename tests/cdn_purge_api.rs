@@ -24,43 +24,7 @@ const ADMIN: &str = "admin-key-for-tests";
 
 /// Plans small enough to exhaust in a test.
 fn config() -> Config {
-    Config::parse(&format!(
-        r#"
-admin_key = "{ADMIN}"
-
-[plans.small]
-requests_per_second = 1
-burst = 3
-items_per_second = 10
-items_burst = 20
-concurrency = 1
-priority = "sheddable"
-
-[plans.big]
-requests_per_second = 1000
-burst = 1000
-items_per_second = 100000
-items_burst = 100000
-concurrency = 64
-priority = "critical"
-
-[[tenants]]
-id = "tiny"
-key = "key-tiny-0001"
-plan = "small"
-
-[[tenants]]
-id = "acme"
-key = "key-acme-0001"
-plan = "big"
-
-[[tenants]]
-id = "globex"
-key = "key-globex-0001"
-plan = "big"
-"#
-    ))
-    .expect("a valid config")
+    Config::parse(include_str!("common/tenants.toml")).expect("a valid config")
 }
 
 fn options() -> Options {

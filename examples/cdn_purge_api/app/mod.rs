@@ -21,7 +21,10 @@
 //! request calls the backend itself: the API as it was before the incident.
 
 pub(crate) mod backend;
+pub(crate) mod cli;
 pub(crate) mod config;
+#[cfg(feature = "grpc-example")]
+pub(crate) mod grpc;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -34,7 +37,7 @@ use axum::extract::{Path, Request, State};
 use axum::http::header::{
     AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
 };
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -52,7 +55,7 @@ use tower_floodgate::redis::{FailurePolicy, RedisConfig, RedisStore};
 use tower_floodgate::shed::Limit;
 use tower_floodgate::{
     ConcurrencyCapLayer, LoadShedLayer, Policy, PolicyHandle, RateLimitLayer, RateLimiter,
-    TenantKey,
+    Rejection, TenantKey,
 };
 
 use self::backend::{Backend, BackendConfig};
@@ -125,7 +128,7 @@ pub(crate) struct AppState {
     items_policy: PolicyHandle,
     items: RateLimiter,
     batcher: PurgeBatcher<Backend>,
-    backend: Backend,
+    pub(crate) backend: Backend,
     protected: bool,
     top: TopTenants,
     dashboard: Dashboard,
@@ -251,8 +254,44 @@ fn limiter(
     }
 }
 
+/// The tower-floodgate layers in front of the purge endpoint, outermost
+/// first; authentication goes outside them.
+#[derive(Clone)]
+pub(crate) struct Layers {
+    pub(crate) rate_limit: RateLimitLayer,
+    pub(crate) cap: ConcurrencyCapLayer,
+    pub(crate) shed: LoadShedLayer,
+}
+
 /// Builds the app. Must be called within a tokio runtime.
 pub(crate) fn build(config: &Config, options: &Options) -> Result<App, BuildError> {
+    let (state, layers) = service(config, options)?;
+    // Outermost last: authentication, rate limit, concurrency cap, shedder.
+    let purge = Router::new()
+        .route("/v1/purge", post(purge_handler))
+        .route_layer(layers.shed)
+        .route_layer(layers.cap)
+        .route_layer(layers.rate_limit)
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            authenticate,
+        ));
+    let router = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/v1/stats", get(stats_handler))
+        .route("/v1/admin/tenants/{id}", put(admin_handler))
+        .merge(purge)
+        .with_state(Arc::clone(&state));
+    Ok(App { router, state })
+}
+
+/// The purge service without its transport: the shared state and the
+/// layers, for the HTTP router here and the gRPC server of `grpc_purge`.
+/// Must be called within a tokio runtime.
+pub(crate) fn service(
+    config: &Config,
+    options: &Options,
+) -> Result<(Arc<AppState>, Layers), BuildError> {
     let (requests, items) = policies(config);
     let policy = PolicyHandle::new(requests);
     let items_policy = PolicyHandle::new(items);
@@ -338,23 +377,14 @@ pub(crate) fn build(config: &Config, options: &Options) -> Result<App, BuildErro
         next_request: AtomicU64::new(1),
         next_direct_batch: AtomicU64::new(1 << 40),
     });
-    // Outermost last: authentication, rate limit, concurrency cap, shedder.
-    let purge = Router::new()
-        .route("/v1/purge", post(purge_handler))
-        .route_layer(shed)
-        .route_layer(cap)
-        .route_layer(rate_limit)
-        .route_layer(middleware::from_fn_with_state(
-            Arc::clone(&state),
-            authenticate,
-        ));
-    let router = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/v1/stats", get(stats_handler))
-        .route("/v1/admin/tenants/{id}", put(admin_handler))
-        .merge(purge)
-        .with_state(Arc::clone(&state));
-    Ok(App { router, state })
+    Ok((
+        state,
+        Layers {
+            rate_limit,
+            cap,
+            shed,
+        },
+    ))
 }
 
 // ─── Errors ─────────────────────────────────────────────────────────────
@@ -384,8 +414,8 @@ fn unauthorized(detail: &str) -> Response {
 }
 
 /// The API key of `Authorization: Bearer KEY`, or why there is none.
-fn bearer(req: &Request) -> Result<&str, &'static str> {
-    let Some(value) = req.headers().get(AUTHORIZATION) else {
+fn bearer(headers: &HeaderMap) -> Result<&str, &'static str> {
+    let Some(value) = headers.get(AUTHORIZATION) else {
         return Err("an API key is needed: Authorization: Bearer KEY");
     };
     let value = value.to_str().unwrap_or("");
@@ -403,20 +433,28 @@ async fn authenticate(
     mut req: Request,
     next: Next,
 ) -> Response {
-    let tenant = match bearer(&req) {
-        Ok(key) => match state.keys.get(key) {
-            Some(tenant) => tenant.clone(),
-            None => return unauthorized("unknown API key"),
-        },
+    let tenant = match state.tenant_of(req.headers()) {
+        Ok(tenant) => tenant,
         Err(detail) => return unauthorized(detail),
     };
     req.extensions_mut().insert(tenant);
     next.run(req).await
 }
 
+impl AppState {
+    /// The tenant whose API key the `Authorization` header carries, or why
+    /// there is none.
+    pub(crate) fn tenant_of(&self, headers: &HeaderMap) -> Result<TenantKey, &'static str> {
+        self.keys
+            .get(bearer(headers)?)
+            .cloned()
+            .ok_or("unknown API key")
+    }
+}
+
 /// Whether the request carries the admin key; else why not.
 fn is_admin(state: &AppState, req: &Request) -> Result<(), &'static str> {
-    if bearer(req)? == state.admin_key {
+    if bearer(req.headers())? == state.admin_key {
         Ok(())
     } else {
         Err("this endpoint needs the admin key")
@@ -424,6 +462,183 @@ fn is_admin(state: &AppState, req: &Request) -> Result<(), &'static str> {
 }
 
 // ─── POST /v1/purge ─────────────────────────────────────────────────────
+
+/// The kinds of target a purge request lists.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum TargetKind {
+    Urls,
+    Tags,
+    Prefixes,
+    Hosts,
+}
+
+/// A checked purge: each target with its text as sent.
+pub(crate) type Targets = Vec<(String, Target)>;
+
+/// Checks a list of targets of one kind: 1 to [`MAX_TARGETS`] of them,
+/// each valid for its kind.
+pub(crate) fn check_targets(kind: TargetKind, list: &[String]) -> Result<Targets, String> {
+    let make: fn(&str) -> Result<Target, tower_floodgate::purge::InvalidTarget> = match kind {
+        TargetKind::Urls => Target::url,
+        TargetKind::Tags => Target::tag,
+        TargetKind::Prefixes => Target::prefix,
+        TargetKind::Hosts => Target::host,
+    };
+    if list.is_empty() {
+        return Err("no targets to purge".to_owned());
+    }
+    if list.len() > MAX_TARGETS {
+        return Err(format!(
+            "{} targets: at most {MAX_TARGETS} per request",
+            list.len()
+        ));
+    }
+    list.iter()
+        .map(|s| make(s).map(|t| (s.clone(), t)).map_err(|e| e.to_string()))
+        .collect()
+}
+
+/// The purge of everything a tenant has cached (`all` must be true).
+pub(crate) fn check_all(all: bool) -> Result<Targets, String> {
+    if all {
+        Ok(vec![("*".to_owned(), Target::Everything)])
+    } else {
+        Err("`all` must be true when given".to_owned())
+    }
+}
+
+/// Why an authenticated, checked purge was not carried out.
+#[derive(Debug)]
+pub(crate) enum PurgeRefusal {
+    /// The tenant is over its item rate.
+    ItemsLimited(Rejection),
+    /// The backend refused every item for its capacity; retry after this.
+    BackendBusy(Duration),
+}
+
+/// What became of one target.
+#[derive(Debug)]
+pub(crate) struct TargetOutcome {
+    /// The target as sent.
+    pub(crate) target: String,
+    /// `None` when purged, else why it failed.
+    pub(crate) failure: Option<String>,
+    pub(crate) batch: BatchId,
+    pub(crate) coalesced: bool,
+}
+
+/// A purge carried out.
+#[derive(Debug)]
+pub(crate) struct Purged {
+    pub(crate) request_id: String,
+    /// One per target, in the order sent.
+    pub(crate) results: Vec<TargetOutcome>,
+}
+
+impl AppState {
+    /// Carries out a checked purge of `tenant`'s: its item rate (a request
+    /// costs its number of targets), then the batcher (protected) or one
+    /// backend call of its own (unprotected, as before the incident).
+    pub(crate) async fn purge(
+        &self,
+        tenant: &TenantKey,
+        targets: Targets,
+        mode: Mode,
+    ) -> Result<Purged, PurgeRefusal> {
+        let entry = self.tenants.get(tenant);
+        if let Err(rejection) = self.items.admit_async(tenant, targets.len() as u32).await {
+            if let Some(entry) = entry {
+                entry.counts.items_limited.fetch_add(1, Ordering::Relaxed);
+            }
+            if self.protected {
+                return Err(PurgeRefusal::ItemsLimited(rejection));
+            }
+        }
+        if let Some(entry) = entry {
+            entry.counts.admitted.fetch_add(1, Ordering::Relaxed);
+        }
+        let request_id = format!(
+            "r-{:08x}",
+            self.next_request.fetch_add(1, Ordering::Relaxed)
+        );
+        let outcomes: Vec<(ItemResult, BatchId, bool)> = if self.protected {
+            let purges = targets
+                .iter()
+                .map(|(_, target)| self.batcher.purge(tenant.clone(), target.clone(), mode));
+            await_all(purges)
+                .await
+                .into_iter()
+                .map(|o| (o.result, o.batch, o.coalesced))
+                .collect()
+        } else {
+            let id = BatchId(self.next_direct_batch.fetch_add(1, Ordering::Relaxed));
+            let items = targets
+                .iter()
+                .map(|(_, target)| PurgeItem {
+                    target: target.clone(),
+                    mode,
+                })
+                .collect();
+            self.backend
+                .purge(PurgeBatch {
+                    id,
+                    tenant: tenant.clone(),
+                    items,
+                })
+                .await
+                .into_iter()
+                .map(|r| (r, id, false))
+                .collect()
+        };
+        // Refused by the backend for its capacity, every item: its
+        // retry-after is passed on.
+        let backend_wait = outcomes
+            .iter()
+            .map(|(r, ..)| match r {
+                ItemResult::RateLimited { retry_after } => Some(*retry_after),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()
+            .and_then(|waits| waits.into_iter().max());
+        if let Some(wait) = backend_wait {
+            return Err(PurgeRefusal::BackendBusy(wait));
+        }
+        let results = targets
+            .into_iter()
+            .zip(outcomes)
+            .map(|((target, _), (result, batch, coalesced))| TargetOutcome {
+                target,
+                failure: match result {
+                    ItemResult::Purged => None,
+                    ItemResult::Failed(reason) => Some(reason),
+                    ItemResult::RateLimited { retry_after } => Some(format!(
+                        "the purge backend is over capacity; retry in {} ms",
+                        retry_after.as_millis()
+                    )),
+                    _ => Some("unknown result".to_owned()),
+                },
+                batch,
+                coalesced,
+            })
+            .collect();
+        Ok(Purged {
+            request_id,
+            results,
+        })
+    }
+}
+
+/// Awaits every future, in order. The batcher takes each purge when it is
+/// asked (the futures only wait for the answers), so awaiting them in turn
+/// costs no more than awaiting them together.
+async fn await_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let futures: Vec<F> = futures.collect();
+    let mut out = Vec::with_capacity(futures.len());
+    for future in futures {
+        out.push(future.await);
+    }
+    out
+}
 
 /// The body of a purge request: one kind of target.
 #[derive(Debug, Deserialize)]
@@ -438,54 +653,23 @@ struct PurgeRequest {
     soft: bool,
 }
 
-/// A checked target from its text.
-type MakeTarget = fn(&str) -> Result<Target, tower_floodgate::purge::InvalidTarget>;
-
 impl PurgeRequest {
-    /// The targets, checked, with their text as sent.
-    fn targets(&self) -> Result<Vec<(String, Target)>, String> {
-        let given = [
-            self.urls.is_some(),
-            self.tags.is_some(),
-            self.prefixes.is_some(),
-            self.hosts.is_some(),
-            self.all.is_some(),
-        ]
-        .iter()
-        .filter(|&&g| g)
-        .count();
-        if given != 1 {
-            return Err(
-                "give exactly one of `urls`, `tags`, `prefixes`, `hosts` or `all`".to_owned(),
-            );
+    /// The targets, checked.
+    fn targets(&self) -> Result<Targets, String> {
+        let lists = [
+            (TargetKind::Urls, &self.urls),
+            (TargetKind::Tags, &self.tags),
+            (TargetKind::Prefixes, &self.prefixes),
+            (TargetKind::Hosts, &self.hosts),
+        ];
+        let mut given = lists
+            .iter()
+            .filter_map(|(kind, list)| Some((*kind, list.as_ref()?)));
+        match (given.next(), given.next(), self.all) {
+            (Some((kind, list)), None, None) => check_targets(kind, list),
+            (None, None, Some(all)) => check_all(all),
+            _ => Err("give exactly one of `urls`, `tags`, `prefixes`, `hosts` or `all`".to_owned()),
         }
-        if let Some(all) = self.all {
-            return if all {
-                Ok(vec![("*".to_owned(), Target::Everything)])
-            } else {
-                Err("`all` must be true when given".to_owned())
-            };
-        }
-        let (list, make): (&Vec<String>, MakeTarget) =
-            match (&self.urls, &self.tags, &self.prefixes, &self.hosts) {
-                (Some(list), ..) => (list, Target::url),
-                (_, Some(list), ..) => (list, Target::tag),
-                (_, _, Some(list), _) => (list, Target::prefix),
-                (.., Some(list)) => (list, Target::host),
-                _ => unreachable!("one kind is given"),
-            };
-        if list.is_empty() {
-            return Err("no targets to purge".to_owned());
-        }
-        if list.len() > MAX_TARGETS {
-            return Err(format!(
-                "{} targets: at most {MAX_TARGETS} per request",
-                list.len()
-            ));
-        }
-        list.iter()
-            .map(|s| make(s).map(|t| (s.clone(), t)).map_err(|e| e.to_string()))
-            .collect()
     }
 }
 
@@ -522,111 +706,43 @@ async fn purge_handler(State(state): State<Arc<AppState>>, req: Request) -> Resp
         Ok(targets) => targets,
         Err(detail) => return problem(StatusCode::BAD_REQUEST, &detail),
     };
-    let entry = state.tenants.get(&tenant);
-    // The item rate: a request costs its number of targets.
-    if let Err(rejection) = state.items.admit_async(&tenant, targets.len() as u32).await {
-        if let Some(entry) = entry {
-            entry.counts.items_limited.fetch_add(1, Ordering::Relaxed);
-        }
-        if state.protected {
-            return rejection.into_response();
-        }
-    }
-    if let Some(entry) = entry {
-        entry.counts.admitted.fetch_add(1, Ordering::Relaxed);
-    }
     let mode = if request.soft { Mode::Soft } else { Mode::Hard };
-    let request_id = format!(
-        "r-{:08x}",
-        state.next_request.fetch_add(1, Ordering::Relaxed)
-    );
-    let outcomes: Vec<(ItemResult, BatchId, bool)> = if state.protected {
-        let purges = targets
-            .iter()
-            .map(|(_, target)| state.batcher.purge(tenant.clone(), target.clone(), mode));
-        await_all(purges)
-            .await
-            .into_iter()
-            .map(|o| (o.result, o.batch, o.coalesced))
-            .collect()
-    } else {
-        // Unprotected: one backend call per request, as before the
-        // incident.
-        let id = BatchId(state.next_direct_batch.fetch_add(1, Ordering::Relaxed));
-        let items = targets
-            .iter()
-            .map(|(_, target)| PurgeItem {
-                target: target.clone(),
-                mode,
-            })
-            .collect();
-        state
-            .backend
-            .purge(PurgeBatch {
-                id,
-                tenant: tenant.clone(),
-                items,
-            })
-            .await
-            .into_iter()
-            .map(|r| (r, id, false))
-            .collect()
+    let purged = match state.purge(&tenant, targets, mode).await {
+        Ok(purged) => purged,
+        Err(PurgeRefusal::ItemsLimited(rejection)) => return rejection.into_response(),
+        Err(PurgeRefusal::BackendBusy(wait)) => {
+            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+            let mut response = problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!(
+                    "the purge backend is over capacity; retry in {} ms",
+                    wait.as_millis()
+                ),
+            );
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(secs));
+            return response;
+        }
     };
-
-    // Refused by the backend for its capacity, every item: its retry-after
-    // is passed on.
-    let backend_wait = outcomes
+    let results: Vec<Value> = purged
+        .results
         .iter()
-        .map(|(r, ..)| match r {
-            ItemResult::RateLimited { retry_after } => Some(*retry_after),
-            _ => None,
-        })
-        .collect::<Option<Vec<_>>>()
-        .and_then(|waits| waits.into_iter().max());
-    if let Some(wait) = backend_wait {
-        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-        let mut response = problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!(
-                "the purge backend is over capacity; retry in {} ms",
-                wait.as_millis()
-            ),
-        );
-        response
-            .headers_mut()
-            .insert(RETRY_AFTER, HeaderValue::from(secs));
-        return response;
-    }
-    let results: Vec<Value> = targets
-        .iter()
-        .zip(&outcomes)
-        .map(|((text, _), (result, batch, coalesced))| {
+        .map(|outcome| {
             let mut item = json!({
-                "target": text,
-                "batch": batch.to_string(),
-                "coalesced": coalesced,
+                "target": outcome.target,
+                "status": if outcome.failure.is_some() { "failed" } else { "purged" },
+                "batch": outcome.batch.to_string(),
+                "coalesced": outcome.coalesced,
             });
-            match result {
-                ItemResult::Purged => item["status"] = json!("purged"),
-                ItemResult::Failed(reason) => {
-                    item["status"] = json!("failed");
-                    item["reason"] = json!(reason);
-                }
-                ItemResult::RateLimited { retry_after } => {
-                    item["status"] = json!("failed");
-                    item["reason"] = json!("the purge backend is over capacity");
-                    item["retry_after_ms"] = json!(retry_after.as_millis() as u64);
-                }
-                _ => {
-                    item["status"] = json!("failed");
-                    item["reason"] = json!("unknown result");
-                }
+            if let Some(reason) = &outcome.failure {
+                item["reason"] = json!(reason);
             }
             item
         })
         .collect();
     let body = json!({
-        "request_id": request_id,
+        "request_id": purged.request_id,
         "tenant": tenant.to_string(),
         "results": results,
     });
@@ -636,18 +752,6 @@ async fn purge_handler(State(state): State<Arc<AppState>>, req: Request) -> Resp
         body.to_string(),
     )
         .into_response()
-}
-
-/// Awaits every future, in order. The batcher takes each purge when it is
-/// asked (the futures only wait for the answers), so awaiting them in turn
-/// costs no more than awaiting them together.
-async fn await_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let futures: Vec<F> = futures.collect();
-    let mut out = Vec::with_capacity(futures.len());
-    for future in futures {
-        out.push(future.await);
-    }
-    out
 }
 
 // ─── GET /v1/stats ──────────────────────────────────────────────────────
