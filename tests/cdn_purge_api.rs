@@ -591,3 +591,54 @@ async fn two_instances_share_a_tenants_quota_through_redis() {
         StatusCode::OK
     );
 }
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_at_start_follows_the_failure_policy() {
+    // Nothing listens on this port: Redis is down from the start.
+    let down = |on_failure: &str| Options {
+        redis: Some(app::RedisOptions {
+            url: "redis://127.0.0.1:1".to_owned(),
+            prefix: "cdn-test-down:".to_owned(),
+            on_failure: on_failure.to_owned(),
+        }),
+        ..options()
+    };
+    // `local`: the limits are decided on this node, the plan's burst of 3.
+    let (http, _app) = start(down("local")).await;
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(
+            purge(&http, "key-tiny-0001", &urls(1))
+                .await
+                .status
+                .as_u16(),
+        );
+    }
+    assert_eq!(statuses, [200, 200, 200, 429]);
+    // `open`: served without a limit.
+    let (http, _app) = start(down("open")).await;
+    for _ in 0..5 {
+        assert_eq!(
+            purge(&http, "key-tiny-0001", &urls(1)).await.status,
+            StatusCode::OK
+        );
+    }
+    // `closed`: refused with 503, and the server keeps answering.
+    let (http, _app) = start(down("closed")).await;
+    let reply = purge(&http, "key-acme-0001", &urls(1)).await;
+    assert_problem(&reply, StatusCode::SERVICE_UNAVAILABLE, "");
+    assert!(reply.header("retry-after").is_some());
+    assert_eq!(
+        http.send("GET", "/healthz", &[], "").await.status,
+        StatusCode::OK
+    );
+    // A policy that does not exist is refused when the app is built.
+    let error = app::build(&config(), &down("sometimes"))
+        .err()
+        .expect("refused");
+    assert!(
+        error.to_string().contains("open, closed or local"),
+        "{error}"
+    );
+}
