@@ -65,6 +65,17 @@ pin_project! {
 }
 
 impl<S: Service<Req>, Req, B> ResponseFuture<S, Req, B> {
+    /// Admitted: calls the inner service (building its future in place).
+    #[inline]
+    pub(crate) fn call(guard: Guard, service: &mut S, request: Req) -> Self {
+        Self {
+            kind: Kind::Admitted {
+                guard: Some(guard),
+                future: service.call(request),
+            },
+        }
+    }
+
     pub(crate) fn admitted(future: S::Future, guard: Guard) -> Self {
         Self {
             kind: Kind::Admitted {
@@ -108,22 +119,47 @@ where
 {
     type Output = Result<Response<ResponseBody<B>>, S::Error>;
 
+    #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // The common case, kept small enough to inline into the caller
+        // (which spares moving the response and the future around).
+        if let KindProj::Admitted { future, guard } = self.as_mut().project().kind.project() {
+            let response = ready!(future.poll(cx))?;
+            return Poll::Ready(Ok(hold(response, guard.take())));
+        }
+        self.poll_slow(cx)
+    }
+}
+
+/// The response, its body holding `guard` (if it holds anything) until the
+/// body is done, not just until the handler returns.
+#[inline]
+fn hold<B>(response: Response<B>, guard: Option<Guard>) -> Response<ResponseBody<B>> {
+    match guard {
+        Some(mut guard) if !guard.is_empty() => {
+            guard.responded();
+            response.map(|body| ResponseBody::guarded(body, guard))
+        }
+        _ => response.map(ResponseBody::inner),
+    }
+}
+
+impl<S, Req, B> ResponseFuture<S, Req, B>
+where
+    S: Service<Req, Response = Response<B>>,
+{
+    /// Waiting in a queue, or refused.
+    #[inline(never)]
+    fn poll_slow(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Response<ResponseBody<B>>, S::Error>> {
         loop {
             let mut kind = self.as_mut().project().kind;
             match kind.as_mut().project() {
                 KindProj::Admitted { future, guard } => {
                     let response = ready!(future.poll(cx))?;
-                    // What the request holds moves into the body: it is held
-                    // until the body is done, not just until the handler
-                    // returns.
-                    return Poll::Ready(Ok(match guard.take() {
-                        Some(mut guard) if !guard.is_empty() => {
-                            guard.responded();
-                            response.map(|body| ResponseBody::guarded(body, guard))
-                        }
-                        _ => response.map(ResponseBody::inner),
-                    }));
+                    return Poll::Ready(Ok(hold(response, guard.take())));
                 }
                 KindProj::Waiting { waiting } => {
                     let Some(wait) = waiting.as_mut() else {

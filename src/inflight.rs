@@ -343,6 +343,12 @@ pub(crate) struct Global {
 }
 
 impl Global {
+    /// Takes a unit if one is free and nobody waits; never queues.
+    #[inline]
+    pub(crate) fn try_acquire(&self, cap: u32) -> bool {
+        matches!(gate::try_acquire(&self.word, cap, false), Fast::Done(_))
+    }
+
     #[inline]
     pub(crate) fn acquire(&self, cap: u32, force: bool, max_queue: usize) -> Admission {
         const NO_SEAT: Seat = Seat { index: 0 };
@@ -364,6 +370,12 @@ impl Global {
         if let Fast::Done(_) = gate::try_release(&self.word) {
             return;
         }
+        self.release_to_waiter();
+    }
+
+    /// [`Global::release`] when somebody waits.
+    #[inline(never)]
+    fn release_to_waiter(&self) {
         let granted = {
             let mut queue = self.queue.lock();
             gate::release_locked(&self.word, &mut queue).1

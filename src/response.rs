@@ -81,6 +81,7 @@ pub(crate) enum Guard {
 
 impl Guard {
     /// Whether it holds nothing.
+    #[inline]
     pub(crate) fn is_empty(&self) -> bool {
         match self {
             Self::Permit(permit) => permit.is_empty(),
@@ -89,6 +90,7 @@ impl Guard {
     }
 
     /// The response head is ready (the load shedder measures latency to it).
+    #[inline]
     pub(crate) fn responded(&mut self) {
         if let Self::Shed(permit) = self {
             permit.responded();

@@ -410,6 +410,29 @@ pub(super) enum Admit {
 }
 
 impl<K> Shared<K> {
+    /// The common case, decided without the tenant: no plan caps tenants,
+    /// nothing is blocked, nobody observes, no shadow mode, and a unit of
+    /// the global cap (if any) is free with nobody waiting. `None`: take
+    /// [`Shared::admit`].
+    #[inline]
+    pub(super) fn admit_fast(&self) -> Option<Permit> {
+        let runtime = &self.runtime;
+        if self.observer.is_set()
+            || runtime.per_tenant.load(Ordering::Acquire)
+            || runtime.blocking.load(Ordering::Acquire)
+        {
+            return None;
+        }
+        let Some(cap) = self.config.global_cap else {
+            return Some(Permit::empty());
+        };
+        if !runtime.refusals.is_shadow() && runtime.global.try_acquire(cap) {
+            Some(Permit::global(runtime))
+        } else {
+            None
+        }
+    }
+
     pub(super) fn admit<Req>(&self, req: &Req) -> Admit
     where
         K: KeyExtractor<Req>,
@@ -615,6 +638,16 @@ impl Permit {
         }
     }
 
+    /// A unit of the global count, taken.
+    #[inline]
+    fn global(runtime: &Arc<Runtime>) -> Self {
+        Self {
+            runtime: Some(Arc::clone(runtime)),
+            seat: None,
+            global: true,
+        }
+    }
+
     fn hold_tenant(&mut self, runtime: &Arc<Runtime>, seat: Seat) {
         self.runtime.get_or_insert_with(|| Arc::clone(runtime));
         self.seat = Some(seat);
@@ -626,12 +659,14 @@ impl Permit {
     }
 
     /// Whether it holds nothing.
+    #[inline]
     pub(crate) fn is_empty(&self) -> bool {
         self.seat.is_none() && !self.global
     }
 }
 
 impl Drop for Permit {
+    #[inline]
     fn drop(&mut self) {
         if let Some(runtime) = &self.runtime {
             if self.global {

@@ -80,7 +80,26 @@ where
         self.inner.poll_ready(cx)
     }
 
+    #[inline]
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        match self.shared.admit_fast() {
+            Some(permit) => ResponseFuture::call(Guard::Permit(permit), &mut self.inner, req),
+            None => self.call_slow(req),
+        }
+    }
+}
+
+impl<S, K> ConcurrencyCap<S, K> {
+    /// Everything but the common case: tenants, queues, refusals.
+    #[inline(never)]
+    fn call_slow<ReqBody, ResBody>(
+        &mut self,
+        req: Request<ReqBody>,
+    ) -> ResponseFuture<S, Request<ReqBody>, ResBody>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+        K: KeyExtractor<Request<ReqBody>>,
+    {
         match self.shared.admit(&req) {
             Admit::Now(permit) => {
                 ResponseFuture::admitted(self.inner.call(req), Guard::Permit(permit))
@@ -120,6 +139,9 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
+        if let Some(permit) = self.shared.admit_fast() {
+            return GenericResponseFuture::admitted(self.inner.call(req), Guard::Permit(permit));
+        }
         match self.shared.admit(&req) {
             Admit::Now(permit) => {
                 GenericResponseFuture::admitted(self.inner.call(req), Guard::Permit(permit))

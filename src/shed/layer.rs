@@ -202,10 +202,17 @@ impl Runtime {
 
     /// Returns a unit: to the most important waiter that may go, else to
     /// the count.
+    #[inline]
     fn release(&self) {
         if let Fast::Done(_) = gate::try_release(&self.word) {
             return;
         }
+        self.release_to_waiter();
+    }
+
+    /// [`Runtime::release`] when somebody waits.
+    #[inline(never)]
+    fn release_to_waiter(&self) {
         let granted = {
             let mut queues = self.queues.lock();
             let now = self.clock.now_nanos();
@@ -580,6 +587,40 @@ pub(super) enum Admit {
 }
 
 impl<K, P> Shared<K, P> {
+    /// The common case, decided without the tenant or the clock: a fixed
+    /// limit, no fairness, queue, plan priorities, blocks, observer or
+    /// shadow mode, and a unit free below the request's ceiling with nobody
+    /// waiting. `None`: take [`Shared::admit`].
+    #[inline]
+    pub(super) fn admit_fast<Req>(&self, req: &Req) -> Option<Permit>
+    where
+        P: PriorityExtractor<Req>,
+    {
+        let runtime = &self.runtime;
+        let config = &runtime.config;
+        if config.fairness
+            || config.queue.is_some()
+            || runtime.controller.is_adaptive()
+            || self.observer.is_set()
+            || runtime.plan_priorities.load(Ordering::Acquire)
+            || runtime.blocking.load(Ordering::Acquire)
+            || runtime.refusals.is_shadow()
+        {
+            return None;
+        }
+        let priority = self.priority.priority(req).unwrap_or(Priority::Normal);
+        let ceiling = runtime.ceiling(priority, runtime.controller.limit());
+        match gate::try_acquire(&runtime.word, ceiling, false) {
+            Fast::Done(_) => Some(Permit {
+                runtime: Some(Arc::clone(runtime)),
+                seat: None,
+                global: true,
+                started: 0,
+            }),
+            Fast::Full | Fast::Slow => None,
+        }
+    }
+
     pub(super) fn admit<Req>(&self, req: &Req) -> Admit
     where
         K: KeyExtractor<Req>,
@@ -773,11 +814,13 @@ pub(crate) struct Permit {
 
 impl Permit {
     /// Whether it holds nothing.
+    #[inline]
     pub(crate) fn is_empty(&self) -> bool {
         !self.global && self.seat.is_none()
     }
 
     /// The response is ready: its latency feeds the adaptive limit.
+    #[inline]
     pub(crate) fn responded(&mut self) {
         if let Some(runtime) = &self.runtime
             && runtime.controller.is_adaptive()
@@ -790,6 +833,7 @@ impl Permit {
 }
 
 impl Drop for Permit {
+    #[inline]
     fn drop(&mut self) {
         if let Some(runtime) = &self.runtime {
             if self.global {

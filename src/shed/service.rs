@@ -81,7 +81,27 @@ where
         self.inner.poll_ready(cx)
     }
 
+    #[inline]
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        match self.shared.admit_fast(&req) {
+            Some(permit) => ResponseFuture::call(Guard::Shed(permit), &mut self.inner, req),
+            None => self.call_slow(req),
+        }
+    }
+}
+
+impl<S, K, P> LoadShed<S, K, P> {
+    /// Everything but the common case: fairness, queues, refusals.
+    #[inline(never)]
+    fn call_slow<ReqBody, ResBody>(
+        &mut self,
+        req: Request<ReqBody>,
+    ) -> ResponseFuture<S, Request<ReqBody>, ResBody>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+        K: KeyExtractor<Request<ReqBody>>,
+        P: PriorityExtractor<Request<ReqBody>>,
+    {
         match self.shared.admit(&req) {
             Admit::Now(permit) => ResponseFuture::admitted(self.inner.call(req), Guard::Shed(permit)),
             Admit::Wait(ticket) => {
@@ -120,6 +140,9 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
+        if let Some(permit) = self.shared.admit_fast(&req) {
+            return GenericResponseFuture::admitted(self.inner.call(req), Guard::Shed(permit));
+        }
         match self.shared.admit(&req) {
             Admit::Now(permit) => {
                 GenericResponseFuture::admitted(self.inner.call(req), Guard::Shed(permit))
