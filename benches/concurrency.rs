@@ -7,7 +7,9 @@
 //! the tenant and a second count. For shedding, `floodgate` is a fixed limit
 //! with priorities; `floodgate_fair` adds fairness between tenants (the
 //! default), which counts each tenant's requests in flight. tower's
-//! `LoadShed` has neither: it only passes on an inner service's readiness.
+//! `LoadShed` has neither: it only passes on an inner service's readiness,
+//! and counts nothing. To shed at a number of requests in flight, a tower
+//! user stacks it on `ConcurrencyLimit`: that stack is `tower_stack`.
 //!
 //! Run with `cargo bench --bench concurrency`. After criterion's report, a
 //! table prints each workload's times, the ratio floodgate / other and the
@@ -90,6 +92,10 @@ fn caps() -> Vec<(&'static str, Caller)> {
 fn shedders() -> Vec<(&'static str, Caller)> {
     let mut bare = service_fn(hello);
     let mut tower_shed = ServiceBuilder::new().load_shed().service(service_fn(hello));
+    let mut tower_stack = ServiceBuilder::new()
+        .load_shed()
+        .concurrency_limit(LIMIT as usize)
+        .service(service_fn(hello));
     let mut ours = ServiceBuilder::new()
         .layer(LoadShedLayer::new(Limit::fixed(LIMIT)).fairness(false))
         .service(service_fn(hello));
@@ -101,6 +107,10 @@ fn shedders() -> Vec<(&'static str, Caller)> {
         (
             "tower",
             Box::new(move |req| call_once(&mut tower_shed, req)),
+        ),
+        (
+            "tower_stack",
+            Box::new(move |req| call_once(&mut tower_stack, req)),
         ),
         ("floodgate", Box::new(move |req| call_once(&mut ours, req))),
         (
@@ -155,6 +165,13 @@ fn two_threads(c: &mut Criterion) {
     let tower_shed = ServiceBuilder::new().load_shed().service(service_fn(hello));
     group.bench_function("tower", |b| {
         b.iter_custom(|iters| contended(iters, || tower_shed.clone()))
+    });
+    let tower_stack = ServiceBuilder::new()
+        .load_shed()
+        .concurrency_limit(LIMIT as usize)
+        .service(service_fn(hello));
+    group.bench_function("tower_stack", |b| {
+        b.iter_custom(|iters| contended(iters, || tower_stack.clone()))
     });
     let ours = ServiceBuilder::new()
         .layer(LoadShedLayer::new(Limit::fixed(LIMIT)).fairness(false))
@@ -214,13 +231,12 @@ fn main() {
     two_threads(&mut c);
     c.final_summary();
     support::print_comparison(
-        &[
-            "concurrency_uncontended",
-            "concurrency_two_threads",
-            "shed_uncontended",
-            "shed_two_threads",
-        ],
+        &["concurrency_uncontended", "concurrency_two_threads"],
         &["tower", "bare"],
+    );
+    support::print_comparison(
+        &["shed_uncontended", "shed_two_threads"],
+        &["tower", "tower_stack", "bare"],
     );
     support::print_named(
         "floodgate_per_tenant",
@@ -230,6 +246,6 @@ fn main() {
     support::print_named(
         "floodgate_fair",
         &["shed_uncontended", "shed_two_threads"],
-        &["tower", "bare"],
+        &["tower", "tower_stack", "bare"],
     );
 }
