@@ -149,6 +149,26 @@ impl ManualClock {
             });
     }
 
+    /// Sets the clock to `at` since its epoch, forwards or backwards.
+    ///
+    /// The other clocks of this crate never go back; this simulates a time
+    /// source that does (a misbehaving counter, a migrated virtual machine),
+    /// to test what the layers do then: they neither panic nor admit more
+    /// than a quota allows.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_floodgate::Clock;
+    ///
+    /// let (clock, handle) = Clock::manual();
+    /// handle.set(Duration::from_secs(10));
+    /// handle.set(Duration::from_secs(3));
+    /// assert_eq!(clock.elapsed(), Duration::from_secs(3));
+    /// ```
+    pub fn set(&self, at: Duration) {
+        self.now.store(saturating_nanos(at), Ordering::Release);
+    }
+
     /// Time since the clock's epoch.
     #[must_use]
     pub fn elapsed(&self) -> Duration {

@@ -17,10 +17,18 @@
 //! without losing anything, and the Redis store let their keys expire.
 //!
 //! All values are nanoseconds on the limiter's [`Clock`](crate::Clock). The
-//! quota keeps `τ ≤ 2⁶²`, so `max(TAT, now) + n·T` cannot overflow for the
-//! next 146 years of uptime, and every addition saturates besides.
+//! quota keeps `τ ≤ 2⁶²`, and `now` is taken as at most [`LATEST`]
+//! (2⁶³ − 1 ns, 292 years), so `max(TAT, now) + n·T` stays below 2⁶⁴: no sum
+//! ever saturates, and no jump of the clock to its end (or back) can open a
+//! limit.
 
 use crate::quota::Quota;
+
+/// The latest time the arithmetic takes: a clock past it (292 years of
+/// uptime, or a manual clock set to its end) reads as standing still here.
+/// A TAT is at most `LATEST + τ ≤ 2⁶³ + 2⁶²`, and adding at most `τ` more
+/// cannot overflow.
+pub(crate) const LATEST: u64 = u64::MAX >> 1;
 
 /// What one GCRA step decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +47,7 @@ pub(crate) fn step(tat: u64, now: u64, cost: u32, quota: &Quota) -> Step {
     if cost > quota.burst() {
         return Step::Impossible;
     }
+    let now = now.min(LATEST);
     let base = tat.max(now);
     // cost ≤ burst, so cost × interval ≤ τ ≤ 2⁶².
     let new_tat = base.saturating_add(quota.interval_nanos() * u64::from(cost));
@@ -65,6 +74,7 @@ pub(crate) struct Level {
 
 #[inline]
 pub(crate) fn level(tat: u64, now: u64, quota: &Quota) -> Level {
+    let now = now.min(LATEST);
     let interval = quota.interval_nanos();
     let tolerance = quota.tolerance_nanos();
     let debt = tat.saturating_sub(now);
@@ -257,13 +267,40 @@ mod tests {
             match step(tat, now, cost, &quota) {
                 Step::Allow { new_tat } => {
                     prop_assert!(cost <= quota.burst());
-                    prop_assert!(new_tat >= tat.max(now));
+                    // A clock past LATEST reads as LATEST.
+                    prop_assert!(new_tat >= tat.max(now.min(LATEST)));
+                    prop_assert!(new_tat < u64::MAX, "the TAT saturated");
                 }
                 Step::Deny { wait } => prop_assert!(wait > 0 && cost <= quota.burst()),
                 Step::Impossible => prop_assert!(cost > quota.burst()),
             }
             let level = level(tat, now, &quota);
             prop_assert!(level.remaining <= quota.burst());
+        }
+    }
+
+    proptest! {
+        /// At any time, even at the end of the clock, a full bucket admits
+        /// its burst of unit costs and not one more.
+        #[test]
+        fn a_full_bucket_admits_its_burst_and_no_more(
+            quota in (1u32..=u32::MAX, 1u64..=u64::MAX / 2, 1u32..=4096).prop_map(|(c, p, b)| {
+                Quota::new(c, Duration::from_nanos(p), b).unwrap_or_else(|e| unreachable!("{e}"))
+            }),
+            now in prop_oneof![any::<u64>(), (u64::MAX - 1_000_000)..=u64::MAX],
+        ) {
+            let mut tat = 0;
+            let mut admitted = 0;
+            for _ in 0..=quota.burst() {
+                match step(tat, now, 1, &quota) {
+                    Step::Allow { new_tat } => {
+                        tat = new_tat;
+                        admitted += 1;
+                    }
+                    Step::Deny { .. } | Step::Impossible => break,
+                }
+            }
+            prop_assert_eq!(admitted, quota.burst());
         }
     }
 

@@ -197,6 +197,8 @@ impl MemoryStore {
 /// Scales a tenant's debt (TAT − now) from quota `from` to quota `to`, in
 /// proportion to the emission intervals, capped at the new burst.
 fn rescale_slot(tat: &AtomicU64, now: u64, from: &Quota, to: &Quota) {
+    // As in every GCRA step: past `LATEST` the clock stands still.
+    let now = now.min(crate::gcra::LATEST);
     let _ = tat.fetch_update(Ordering::AcqRel, Ordering::Acquire, |current| {
         if current == FROZEN || current <= now {
             return None;
