@@ -583,3 +583,103 @@ async fn a_redis_cluster_holds_each_tenant_on_its_slot() {
     assert_eq!(keys, 60, "one key per tenant");
     assert!(holding >= 2, "60 tenants all on one node of 3");
 }
+
+/// Clients keep sending through the rate-limit layer over HTTP while the
+/// Redis server is killed and started again: every request is answered
+/// (none hangs or fails), the outage is bridged by the local fallback, and
+/// decisions go back to Redis by themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_under_load_loses_no_answer() {
+    use std::sync::atomic::AtomicBool;
+
+    use axum::Router;
+    use axum::routing::get;
+    use common::{Http, serve};
+    use http::{HeaderName, StatusCode};
+    use tower_floodgate::{RateLimitLayer, key};
+
+    let mut server = OwnRedis::start();
+    let store = RedisStore::new(
+        &server.url(),
+        RedisConfig {
+            prefix: prefix("restart"),
+            timeout: Duration::from_millis(20),
+            on_failure: FailurePolicy::Local { share: 1.0 },
+            breaker_threshold: 3,
+            breaker_cooldown: Duration::from_millis(200),
+            ..RedisConfig::default()
+        },
+    )
+    .expect("store");
+    // A quota no client reaches: every answer should be 200.
+    let limiter = RateLimiter::builder(Quota::per_second(nz(1_000_000)))
+        .redis(store)
+        .build();
+    let app = Router::new().route("/", get(|| async { "ok" })).layer(
+        RateLimitLayer::new(limiter.clone()).key(key::header(HeaderName::from_static("x-tenant"))),
+    );
+    let http = Http::new(serve(app).await);
+
+    // 0: before the kill, 1: Redis down, 2: after the restart.
+    let phase = Arc::new(AtomicU64::new(0));
+    let answered: Arc<[AtomicU64; 3]> = Arc::new(Default::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..8)
+        .map(|i| {
+            let (http, phase, answered, stop) = (
+                http.clone(),
+                Arc::clone(&phase),
+                Arc::clone(&answered),
+                Arc::clone(&stop),
+            );
+            tokio::spawn(async move {
+                let tenant = format!("tenant-{i}");
+                while !stop.load(Ordering::Acquire) {
+                    let now = phase.load(Ordering::Acquire) as usize;
+                    let reply = tokio::time::timeout(Duration::from_secs(2), http.get_as(&tenant))
+                        .await
+                        .expect("a request went unanswered");
+                    assert_eq!(reply.status, StatusCode::OK, "phase {now}");
+                    answered[now].fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = limiter.redis_stats().expect("stats");
+    assert!(before.calls > 0 && before.failures == 0, "{before:?}");
+
+    phase.store(1, Ordering::Release);
+    server.kill();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let down = limiter.redis_stats().expect("stats");
+    assert!(
+        down.fallback_local > 0 && down.breaker_opened >= 1,
+        "{down:?}"
+    );
+
+    server.restart();
+    phase.store(2, Ordering::Release);
+    // Back on Redis by itself: calls succeed again and the breaker closes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = limiter.redis_stats().expect("stats");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let later = limiter.redis_stats().expect("stats");
+        if !later.breaker_open && later.calls > stats.calls && later.failures == stats.failures {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no recovery: {later:?}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Release);
+    for client in clients {
+        client.await.expect("a client failed");
+    }
+    let counts: Vec<u64> = answered.iter().map(|n| n.load(Ordering::Relaxed)).collect();
+    assert!(
+        counts.iter().all(|&n| n > 0),
+        "answers per phase: {counts:?}"
+    );
+}
