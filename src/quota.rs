@@ -22,8 +22,10 @@ const NANOS_PER_SEC: u64 = 1_000_000_000;
 /// an error instead of panicking.
 ///
 /// Rates faster than one unit per nanosecond are clamped to one per
-/// nanosecond, and a burst longer than about 146 years of the rate is clamped
-/// to 146 years; neither happens with any real configuration.
+/// nanosecond, rates slower than one unit per 146 years (2⁶² ns) to one per
+/// 146 years, and a burst longer than 146 years of the rate is clamped to
+/// 146 years, but never below one unit; none of this happens with any real
+/// configuration.
 ///
 /// # Examples
 ///
@@ -75,6 +77,10 @@ impl Quota {
         let mut interval = period_nanos / count as u64;
         if interval == 0 {
             interval = 1;
+        } else if interval > MAX_TOLERANCE_NANOS {
+            // One unit per 146 years at the slowest, so that the burst
+            // below is never clamped to zero (found by fuzzing).
+            interval = MAX_TOLERANCE_NANOS;
         }
         let max_burst = MAX_TOLERANCE_NANOS / interval;
         let burst = if burst as u64 > max_burst {
@@ -252,6 +258,20 @@ mod tests {
 
     fn nz(n: u32) -> NonZeroU32 {
         NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN)
+    }
+
+    #[test]
+    fn the_slowest_rate_still_admits_its_burst() {
+        // A period of 584 years for one unit once made the burst 0, so that
+        // nothing was ever admitted (found by the `gcra` fuzz target).
+        for period in [u64::MAX, 11_719_107_999_768_420_864, (1 << 62) + 1] {
+            let q = Quota::new(1, Duration::from_nanos(period), 2_728_567_458).expect("valid");
+            assert_eq!(q.burst(), 1, "period {period}");
+            assert_eq!(q.replenish_interval(), Duration::from_nanos(1 << 62));
+            assert_eq!(q.tolerance_nanos(), 1 << 62);
+        }
+        let q = Quota::with_period(Duration::from_nanos(u64::MAX)).expect("valid");
+        assert_eq!(q.burst(), 1);
     }
 
     #[test]
