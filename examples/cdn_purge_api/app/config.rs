@@ -6,7 +6,7 @@ use std::num::NonZeroU32;
 use std::path::Path;
 
 use serde::Deserialize;
-use tower_floodgate::{Plan, Priority, Quota, TenantKey};
+use tower_floodgate::{Plan, Policy, Priority, Quota, TenantKey};
 
 /// The parsed and checked tenants file.
 #[derive(Debug, Clone)]
@@ -161,6 +161,30 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The policies of the layers and of the item limiter.
+    pub(crate) fn policies(&self) -> (Policy, Policy) {
+        let mut plans = self.plans.iter();
+        let Some((first_name, first)) = plans.next() else {
+            unreachable!("a checked config has a plan");
+        };
+        // Tenants always have a plan; the default plan only serves tenants
+        // the file does not know, who never get past authentication.
+        let mut requests = Policy::builder(first.request_plan(first_name));
+        let mut items = Policy::builder(first.item_plan(&format!("{first_name}-items")));
+        for (name, plan) in plans {
+            requests = requests.tier(plan.request_plan(name));
+            items = items.tier(plan.item_plan(&format!("{name}-items")));
+        }
+        for tenant in &self.tenants {
+            requests = requests.assign(tenant.id.as_str(), &tenant.plan);
+            items = items.assign(tenant.id.as_str(), &format!("{}-items", tenant.plan));
+        }
+        match (requests.build(), items.build()) {
+            (Ok(requests), Ok(items)) => (requests, items),
+            _ => unreachable!("a checked config names existing plans"),
+        }
     }
 
     /// The tenant of each API key.

@@ -25,6 +25,7 @@ pub(crate) mod cli;
 pub(crate) mod config;
 #[cfg(feature = "grpc-example")]
 pub(crate) mod grpc;
+pub(crate) mod request;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -48,23 +49,22 @@ use tower_floodgate::observe::{
     self, Dashboard, Decision, Event, LayerKind, Observer, TopTenants, Tracing,
 };
 use tower_floodgate::purge::{
-    BatchConfig, BatchId, ItemResult, Mode, PurgeBatch, PurgeBatcher, PurgeItem, Target,
+    BatchConfig, BatchId, ItemResult, Mode, PurgeBatch, PurgeBatcher, PurgeItem,
 };
 #[cfg(feature = "redis")]
 use tower_floodgate::redis::{FailurePolicy, RedisConfig, RedisStore};
 use tower_floodgate::shed::Limit;
 use tower_floodgate::{
-    ConcurrencyCapLayer, LoadShedLayer, Policy, PolicyHandle, RateLimitLayer, RateLimiter,
-    Rejection, TenantKey,
+    ConcurrencyCapLayer, LoadShedLayer, PolicyHandle, RateLimitLayer, RateLimiter, Rejection,
+    TenantKey,
 };
 
 use self::backend::{Backend, BackendConfig};
 use self::config::Config;
+pub(crate) use self::request::{MAX_TARGETS, TargetKind, Targets, check_all, check_targets};
 
 /// The largest request body.
 pub(crate) const MAX_BODY: usize = 64 * 1024;
-/// The most targets in one request (a common CDN cap).
-pub(crate) const MAX_TARGETS: usize = 256;
 
 /// How the app is run.
 #[derive(Debug, Clone)]
@@ -187,30 +187,6 @@ impl std::fmt::Display for BuildError {
 
 impl std::error::Error for BuildError {}
 
-/// The policies of the layers and of the item limiter.
-fn policies(config: &Config) -> (Policy, Policy) {
-    let mut plans = config.plans.iter();
-    let Some((first_name, first)) = plans.next() else {
-        unreachable!("a checked config has a plan");
-    };
-    // Tenants always have a plan; the default plan only serves tenants
-    // the file does not know, who never get past authentication.
-    let mut requests = Policy::builder(first.request_plan(first_name));
-    let mut items = Policy::builder(first.item_plan(&format!("{first_name}-items")));
-    for (name, plan) in plans {
-        requests = requests.tier(plan.request_plan(name));
-        items = items.tier(plan.item_plan(&format!("{name}-items")));
-    }
-    for tenant in &config.tenants {
-        requests = requests.assign(tenant.id.as_str(), &tenant.plan);
-        items = items.assign(tenant.id.as_str(), &format!("{}-items", tenant.plan));
-    }
-    match (requests.build(), items.build()) {
-        (Ok(requests), Ok(items)) => (requests, items),
-        _ => unreachable!("a checked config names existing plans"),
-    }
-}
-
 /// A limiter on `policy`, in memory or on Redis under `prefix`.
 fn limiter(
     policy: PolicyHandle,
@@ -292,7 +268,7 @@ pub(crate) fn service(
     config: &Config,
     options: &Options,
 ) -> Result<(Arc<AppState>, Layers), BuildError> {
-    let (requests, items) = policies(config);
+    let (requests, items) = config.policies();
     let policy = PolicyHandle::new(requests);
     let items_policy = PolicyHandle::new(items);
     let counts: HashMap<TenantKey, Arc<Counts>> = config
@@ -463,50 +439,6 @@ fn is_admin(state: &AppState, req: &Request) -> Result<(), &'static str> {
 
 // ─── POST /v1/purge ─────────────────────────────────────────────────────
 
-/// The kinds of target a purge request lists.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum TargetKind {
-    Urls,
-    Tags,
-    Prefixes,
-    Hosts,
-}
-
-/// A checked purge: each target with its text as sent.
-pub(crate) type Targets = Vec<(String, Target)>;
-
-/// Checks a list of targets of one kind: 1 to [`MAX_TARGETS`] of them,
-/// each valid for its kind.
-pub(crate) fn check_targets(kind: TargetKind, list: &[String]) -> Result<Targets, String> {
-    let make: fn(&str) -> Result<Target, tower_floodgate::purge::InvalidTarget> = match kind {
-        TargetKind::Urls => Target::url,
-        TargetKind::Tags => Target::tag,
-        TargetKind::Prefixes => Target::prefix,
-        TargetKind::Hosts => Target::host,
-    };
-    if list.is_empty() {
-        return Err("no targets to purge".to_owned());
-    }
-    if list.len() > MAX_TARGETS {
-        return Err(format!(
-            "{} targets: at most {MAX_TARGETS} per request",
-            list.len()
-        ));
-    }
-    list.iter()
-        .map(|s| make(s).map(|t| (s.clone(), t)).map_err(|e| e.to_string()))
-        .collect()
-}
-
-/// The purge of everything a tenant has cached (`all` must be true).
-pub(crate) fn check_all(all: bool) -> Result<Targets, String> {
-    if all {
-        Ok(vec![("*".to_owned(), Target::Everything)])
-    } else {
-        Err("`all` must be true when given".to_owned())
-    }
-}
-
 /// Why an authenticated, checked purge was not carried out.
 #[derive(Debug)]
 pub(crate) enum PurgeRefusal {
@@ -640,39 +572,6 @@ async fn await_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> 
     out
 }
 
-/// The body of a purge request: one kind of target.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PurgeRequest {
-    urls: Option<Vec<String>>,
-    tags: Option<Vec<String>>,
-    prefixes: Option<Vec<String>>,
-    hosts: Option<Vec<String>>,
-    all: Option<bool>,
-    #[serde(default)]
-    soft: bool,
-}
-
-impl PurgeRequest {
-    /// The targets, checked.
-    fn targets(&self) -> Result<Targets, String> {
-        let lists = [
-            (TargetKind::Urls, &self.urls),
-            (TargetKind::Tags, &self.tags),
-            (TargetKind::Prefixes, &self.prefixes),
-            (TargetKind::Hosts, &self.hosts),
-        ];
-        let mut given = lists
-            .iter()
-            .filter_map(|(kind, list)| Some((*kind, list.as_ref()?)));
-        match (given.next(), given.next(), self.all) {
-            (Some((kind, list)), None, None) => check_targets(kind, list),
-            (None, None, Some(all)) => check_all(all),
-            _ => Err("give exactly one of `urls`, `tags`, `prefixes`, `hosts` or `all`".to_owned()),
-        }
-    }
-}
-
 async fn purge_handler(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let Some(tenant) = req.extensions().get::<TenantKey>().cloned() else {
         return unauthorized("an API key is needed");
@@ -698,15 +597,10 @@ async fn purge_handler(State(state): State<Arc<AppState>>, req: Request) -> Resp
             );
         }
     };
-    let request: PurgeRequest = match serde_json::from_slice(&body) {
-        Ok(request) => request,
-        Err(e) => return problem(StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}")),
-    };
-    let targets = match request.targets() {
-        Ok(targets) => targets,
+    let (targets, mode) = match request::parse(&body) {
+        Ok(parsed) => parsed,
         Err(detail) => return problem(StatusCode::BAD_REQUEST, &detail),
     };
-    let mode = if request.soft { Mode::Soft } else { Mode::Hard };
     let purged = match state.purge(&tenant, targets, mode).await {
         Ok(purged) => purged,
         Err(PurgeRefusal::ItemsLimited(rejection)) => return rejection.into_response(),
