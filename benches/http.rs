@@ -25,7 +25,10 @@
 //! Then, where valgrind is installed, each server once more under
 //! callgrind: instructions per request, which do not vary with the
 //! machine's load as time does. `FLOODGATE_HTTP_CALLGRIND_OUT=DIR` keeps
-//! the profiles for `callgrind_annotate`.
+//! the profiles for `callgrind_annotate`. `FLOODGATE_HTTP_EACH_LAYER=1`
+//! also counts each of this crate's layers alone (`cap_tenant`,
+//! `cap_global`, `shed_fixed`, `shed_fair`), which shows what a layer costs
+//! in axum whatever it decides.
 //! Linux only (it reads `/proc`).
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
@@ -52,6 +55,8 @@ use tower_floodgate::{
 
 const TENANT: HeaderName = HeaderName::from_static("x-tenant");
 const CONFIGS: [&str; 4] = ["bare", "tower_governor", "rate_limit", "full_stack"];
+/// Single layers, counted under callgrind with `FLOODGATE_HTTP_EACH_LAYER=1`.
+const EACH_LAYER: [&str; 4] = ["cap_tenant", "cap_global", "shed_fixed", "shed_fair"];
 const CONNECTIONS: usize = 64;
 const TENANTS: usize = 16;
 const SERVE_ENV: &str = "FLOODGATE_HTTP_BENCH_SERVE";
@@ -138,6 +143,20 @@ fn router(config: &str) -> Router {
                     ),
             )
         }
+        "cap_tenant" => router.layer(
+            ConcurrencyCapLayer::new(Plan::new("p").concurrency(1 << 20)).key(key::header(TENANT)),
+        ),
+        "cap_global" => router.layer(
+            ConcurrencyCapLayer::new(Plan::new("p"))
+                .global_limit(1 << 20)
+                .key(key::header(TENANT)),
+        ),
+        "shed_fixed" => router.layer(LoadShedLayer::new(Limit::fixed(1 << 20)).fairness(false)),
+        "shed_fair" => router.layer(
+            LoadShedLayer::new(Limit::fixed(1 << 20))
+                .policy(Plan::new("p"))
+                .key(key::header(TENANT)),
+        ),
         other => panic!("no configuration {other}"),
     }
 }
@@ -454,7 +473,9 @@ fn count_instructions(runtime: &tokio::runtime::Runtime, requests: usize) {
         "\nserver instructions per request under callgrind ({requests} requests, 8 connections):"
     );
     let mut bare = None;
-    for config in CONFIGS {
+    let each_layer = std::env::var_os("FLOODGATE_HTTP_EACH_LAYER").is_some();
+    let extra = if each_layer { &EACH_LAYER[..] } else { &[] };
+    for &config in CONFIGS.iter().chain(extra) {
         let server = Server::start_counted(config);
         // Before the measured requests: zero the counters; after: read them
         // and dump the profile of just those requests.
