@@ -134,7 +134,7 @@ where
 /// The response, its body holding `guard` (if it holds anything) until the
 /// body is done, not just until the handler returns.
 #[inline]
-fn hold<B>(response: Response<B>, guard: Option<Guard>) -> Response<ResponseBody<B>> {
+pub(crate) fn hold<B>(response: Response<B>, guard: Option<Guard>) -> Response<ResponseBody<B>> {
     match guard {
         Some(mut guard) if !guard.is_empty() => {
             guard.responded();

@@ -290,9 +290,15 @@ impl<K> ConcurrencyCapLayer<K> {
     where
         K: Clone,
     {
+        self.shared_with(self.key.clone())
+    }
+
+    /// This layer's state with another key extractor (for
+    /// [`FloodgateLayer`](crate::FloodgateLayer)).
+    pub(crate) fn shared_with<K2>(&self, key: K2) -> Arc<Shared<K2>> {
         Arc::new(Shared {
             runtime: Arc::clone(&self.runtime),
-            key: self.key.clone(),
+            key,
             config: self.config,
             observer: self.observer.clone(),
         })
@@ -395,7 +401,7 @@ pub struct ConcurrencyStats {
 }
 
 /// What the services of one `layer()` call share.
-pub(super) struct Shared<K> {
+pub(crate) struct Shared<K> {
     runtime: Arc<Runtime>,
     key: K,
     config: Config,
@@ -403,7 +409,7 @@ pub(super) struct Shared<K> {
 }
 
 /// The outcome of `call`.
-pub(super) enum Admit {
+pub(crate) enum Admit {
     Now(Permit),
     Wait(Box<Ticket>),
     Reject(Rejection),
@@ -415,7 +421,7 @@ impl<K> Shared<K> {
     /// the global cap (if any) is free with nobody waiting. `None`: take
     /// [`Shared::admit`].
     #[inline]
-    pub(super) fn admit_fast(&self) -> Option<Permit> {
+    pub(crate) fn admit_fast(&self) -> Option<Permit> {
         let runtime = &self.runtime;
         if self.observer.is_set()
             || runtime.per_tenant.load(Ordering::Acquire)
@@ -433,7 +439,7 @@ impl<K> Shared<K> {
         }
     }
 
-    pub(super) fn admit<Req>(&self, req: &Req) -> Admit
+    pub(crate) fn admit<Req>(&self, req: &Req) -> Admit
     where
         K: KeyExtractor<Req>,
     {

@@ -12,7 +12,7 @@ use tower_service::Service;
 
 use super::layer::{SuccessHeaders, Verdict};
 use crate::error::Rejection;
-use crate::response::{RATELIMIT, RATELIMIT_POLICY, ResponseBody, rejection_response};
+use crate::response::{ResponseBody, rejection_response};
 
 /// A request waiting for the store's verdict, with the service made ready
 /// for it.
@@ -102,10 +102,7 @@ where
                 KindProj::Admitted { future, headers } => {
                     let mut response = ready!(future.poll(cx))?;
                     if let Some(extra) = headers.take() {
-                        let SuccessHeaders { policy, limit } = *extra;
-                        let h = response.headers_mut();
-                        h.append(RATELIMIT_POLICY, policy);
-                        h.append(RATELIMIT, limit);
+                        extra.add_to(response.headers_mut());
                     }
                     return Poll::Ready(Ok(response.map(ResponseBody::inner)));
                 }

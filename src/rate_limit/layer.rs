@@ -189,10 +189,21 @@ impl<K, C> RateLimitLayer<K, C> {
         K: Clone,
         C: Clone,
     {
+        self.shared_with(self.key.clone(), self.cost.clone())
+    }
+
+    /// The cost extractor.
+    pub(crate) fn cost_extractor(&self) -> &C {
+        &self.cost
+    }
+
+    /// This layer's state with another key extractor and cost (for
+    /// [`FloodgateLayer`](crate::FloodgateLayer)).
+    pub(crate) fn shared_with<K2, C2>(&self, key: K2, cost: C2) -> Arc<Shared<K2, C2>> {
         Arc::new(Shared {
             limiter: self.limiter.clone(),
-            key: self.key.clone(),
-            cost: self.cost.clone(),
+            key,
+            cost,
             config: self.config,
             state: Arc::clone(&self.state),
             observer: self.observer.clone(),
@@ -343,7 +354,7 @@ impl PolicyListener for LayerState {
 }
 
 /// What the services of one `layer()` call share.
-pub(super) struct Shared<K, C> {
+pub(crate) struct Shared<K, C> {
     limiter: RateLimiter,
     key: K,
     cost: C,
@@ -354,17 +365,25 @@ pub(super) struct Shared<K, C> {
 
 /// Headers for an admitted response.
 #[derive(Debug)]
-pub(super) struct SuccessHeaders {
-    pub(super) policy: HeaderValue,
-    pub(super) limit: HeaderValue,
+pub(crate) struct SuccessHeaders {
+    pub(crate) policy: HeaderValue,
+    pub(crate) limit: HeaderValue,
+}
+
+impl SuccessHeaders {
+    /// Adds `RateLimit-Policy` and `RateLimit` to an admitted response.
+    pub(crate) fn add_to(self, headers: &mut http::HeaderMap) {
+        headers.append(crate::response::RATELIMIT_POLICY, self.policy);
+        headers.append(crate::response::RATELIMIT, self.limit);
+    }
 }
 
 /// The decision on one request: `Ok` with the headers for the admitted
 /// response (if enabled), or the rejection.
-pub(super) type Verdict = Result<Option<Box<SuccessHeaders>>, Rejection>;
+pub(crate) type Verdict = Result<Option<Box<SuccessHeaders>>, Rejection>;
 
 /// A verdict now, or after a round trip to the store.
-pub(super) enum Admit {
+pub(crate) enum Admit {
     Now(Verdict),
     Later(Pin<Box<dyn Future<Output = Verdict> + Send>>),
 }
@@ -372,7 +391,7 @@ pub(super) enum Admit {
 impl<K, C> Shared<K, C> {
     /// Decides for `req`. In shadow mode every request is admitted.
     #[inline]
-    pub(super) fn admit<Req>(&self, req: &Req) -> Admit
+    pub(crate) fn admit<Req>(&self, req: &Req) -> Admit
     where
         K: KeyExtractor<Req>,
         C: RequestCost<Req>,

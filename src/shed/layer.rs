@@ -467,10 +467,21 @@ impl<K, P> LoadShedLayer<K, P> {
         K: Clone,
         P: Clone,
     {
+        self.shared_with(self.key.clone(), self.priority.clone())
+    }
+
+    /// The priority extractor.
+    pub(crate) fn priority_extractor(&self) -> &P {
+        &self.priority
+    }
+
+    /// This layer's state with another key and priority extractor (for
+    /// [`FloodgateLayer`](crate::FloodgateLayer)).
+    pub(crate) fn shared_with<K2, P2>(&self, key: K2, priority: P2) -> Arc<Shared<K2, P2>> {
         Arc::new(Shared {
             runtime: Arc::clone(&self.runtime),
-            key: self.key.clone(),
-            priority: self.priority.clone(),
+            key,
+            priority,
             observer: self.observer.clone(),
         })
     }
@@ -573,14 +584,14 @@ pub struct ShedStats {
 }
 
 /// What the services of one `layer()` call share.
-pub(super) struct Shared<K, P> {
+pub(crate) struct Shared<K, P> {
     runtime: Arc<Runtime>,
     key: K,
     priority: P,
     observer: Hook,
 }
 
-pub(super) enum Admit {
+pub(crate) enum Admit {
     Now(Permit),
     Wait(Box<Ticket>),
     Reject(Rejection),
@@ -592,7 +603,7 @@ impl<K, P> Shared<K, P> {
     /// shadow mode, and a unit free below the request's ceiling with nobody
     /// waiting. `None`: take [`Shared::admit`].
     #[inline]
-    pub(super) fn admit_fast<Req>(&self, req: &Req) -> Option<Permit>
+    pub(crate) fn admit_fast<Req>(&self, req: &Req) -> Option<Permit>
     where
         P: PriorityExtractor<Req>,
     {
@@ -621,7 +632,7 @@ impl<K, P> Shared<K, P> {
         }
     }
 
-    pub(super) fn admit<Req>(&self, req: &Req) -> Admit
+    pub(crate) fn admit<Req>(&self, req: &Req) -> Admit
     where
         K: KeyExtractor<Req>,
         P: PriorityExtractor<Req>,
