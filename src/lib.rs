@@ -101,6 +101,7 @@ not_loom! {
     pub mod concurrency;
     pub mod cost;
     pub mod error;
+    pub mod floodgate;
     mod gcra;
     mod hash;
     mod held;
@@ -133,6 +134,7 @@ not_loom! {
     pub use common::{DEFAULT_MAX_KEY_LEN, MissingKey};
     pub use concurrency::ConcurrencyCapLayer;
     pub use rate_limit::RateLimitLayer;
+    pub use floodgate::FloodgateLayer;
     pub use shed::{LoadShedLayer, Priority};
     pub use observe::LayerKind;
 }

@@ -683,3 +683,49 @@ async fn redis_restarted_under_load_loses_no_answer() {
         "answers per phase: {counts:?}"
     );
 }
+
+/// `FloodgateLayer` on a Redis limiter: the rate decision waits for Redis
+/// (the boxed slow path), then the cap and the shedder decide, as the
+/// stacked layers would.
+#[tokio::test]
+async fn the_combined_layer_waits_for_redis_then_caps_and_sheds() {
+    use http::{HeaderName, Request, StatusCode};
+    use tower::{ServiceBuilder, ServiceExt};
+    use tower_floodgate::shed::{Limit, LoadShedLayer};
+    use tower_floodgate::{ConcurrencyCapLayer, FloodgateLayer, RateLimitLayer, key};
+
+    redis().await;
+    const TENANT: HeaderName = HeaderName::from_static("x-tenant");
+    let policy = PolicyHandle::from(Plan::new("p").rate(Quota::per_minute(nz(2))).concurrency(4));
+    let rate =
+        RateLimitLayer::new(limiter(policy.clone(), config("combined"))).key(key::header(TENANT));
+    let cap = ConcurrencyCapLayer::new(policy.clone()).key(key::header(TENANT));
+    let shed = LoadShedLayer::new(Limit::fixed(8)).key(key::header(TENANT));
+    let svc = ServiceBuilder::new()
+        .layer(FloodgateLayer::new(key::header(TENANT), &rate, &cap, &shed))
+        .service(tower::service_fn(|_req: Request<()>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(String::from("ok")))
+        }));
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let req = Request::builder()
+            .header(TENANT, "acme")
+            .body(())
+            .expect("request");
+        let response = svc.clone().oneshot(req).await.expect("infallible");
+        statuses.push(response.status());
+    }
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::OK,
+            StatusCode::OK,
+            StatusCode::TOO_MANY_REQUESTS
+        ]
+    );
+    let stats = rate.limiter().redis_stats().expect("a Redis limiter");
+    assert!(stats.calls >= 2, "{stats:?}");
+    assert_eq!(rate.stats().rate_limited, 1);
+    assert_eq!(cap.stats().tenants_in_flight, 0);
+    assert_eq!(shed.stats().in_flight, 0);
+}

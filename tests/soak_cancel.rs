@@ -22,7 +22,9 @@ use http_body_util::{BodyExt, Full};
 use tower::{ServiceBuilder, ServiceExt, service_fn};
 use tower_floodgate::coalesce::{CoalesceLayer, JoinMode};
 use tower_floodgate::shed::{CoDel, Limit, LoadShedLayer};
-use tower_floodgate::{Clock, ConcurrencyCapLayer, Plan, Quota, RateLimitLayer, RateLimiter, key};
+use tower_floodgate::{
+    Clock, ConcurrencyCapLayer, FloodgateLayer, Plan, Quota, RateLimitLayer, RateLimiter, key,
+};
 
 const TENANT: HeaderName = HeaderName::from_static("x-tenant");
 const REQUESTS: u64 = 1_000_000;
@@ -90,9 +92,25 @@ impl Rng {
 )]
 #[tokio::test(start_paused = true)]
 async fn a_million_cancellations_leave_nothing_behind() {
+    soak(false).await;
+}
+
+/// The same through one `FloodgateLayer` (rate limit, cap and shedder in
+/// one future and one body) instead of the three layers stacked.
+#[cfg_attr(
+    debug_assertions,
+    ignore = "1,000,000 requests: run with `cargo test --release --test soak_cancel`"
+)]
+#[tokio::test(start_paused = true)]
+async fn a_million_cancellations_through_one_floodgate_layer_leave_nothing_behind() {
+    soak(true).await;
+}
+
+async fn soak(combined: bool) {
     let limiter = RateLimiter::builder(Quota::per_second(NonZeroU32::MAX))
         .clock(Clock::tokio())
         .build();
+    let rate = RateLimitLayer::new(limiter).key(key::header(TENANT));
     let cap = ConcurrencyCapLayer::new(Plan::new("p").concurrency(3))
         .global_limit(24)
         .queue(64, Duration::from_millis(4))
@@ -102,12 +120,23 @@ async fn a_million_cancellations_leave_nothing_behind() {
         .queue(32, CoDel::default())
         .key(key::header(TENANT));
     let coalesce = CoalesceLayer::new(JoinMode::InFlight);
-    let svc = ServiceBuilder::new()
-        .layer(RateLimitLayer::new(limiter).key(key::header(TENANT)))
-        .layer(cap.clone())
-        .layer(shed.clone())
-        .layer(coalesce.clone())
-        .service(service_fn(handler));
+    let svc = if combined {
+        ServiceBuilder::new()
+            .layer(FloodgateLayer::new(key::header(TENANT), &rate, &cap, &shed))
+            .layer(coalesce.clone())
+            .service(service_fn(handler))
+            .map_response(|r| r.map(BodyExt::boxed_unsync))
+            .boxed_clone()
+    } else {
+        ServiceBuilder::new()
+            .layer(rate)
+            .layer(cap.clone())
+            .layer(shed.clone())
+            .layer(coalesce.clone())
+            .service(service_fn(handler))
+            .map_response(|r| r.map(BodyExt::boxed_unsync))
+            .boxed_clone()
+    };
 
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut outcomes = [0u64; 4]; // served, refused, abandoned early, abandoned mid-body

@@ -1,0 +1,506 @@
+//! `FloodgateLayer`: the rate limit, concurrency cap and load shedder as one
+//! layer. It must answer exactly as the three layers stacked, find the
+//! tenant once, and hold and return its permits as they do; in front of a
+//! real axum server on 127.0.0.1 with a real client.
+
+#![allow(clippy::expect_used)]
+
+mod common;
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::Request;
+use axum::routing::get;
+use bytes::Bytes;
+use common::{Http, Reply, serve};
+use http::{HeaderName, StatusCode};
+use http_body_util::BodyExt;
+use tokio::sync::{Semaphore, mpsc};
+use tower::{ServiceBuilder, ServiceExt};
+use tower_floodgate::shed::{CoDel, Limit, LoadShedLayer};
+use tower_floodgate::{
+    Clock, ConcurrencyCapLayer, FloodgateLayer, ManualClock, Plan, Policy, PolicyHandle, Priority,
+    Quota, RateLimitLayer, RateLimiter, TenantKey, key,
+};
+
+const TENANT: HeaderName = HeaderName::from_static("x-tenant");
+
+fn nz(n: u32) -> NonZeroU32 {
+    NonZeroU32::new(n).expect("non-zero")
+}
+
+/// Two plans (3 a minute with 2 in flight; 100 a second with 1 in flight),
+/// a tenant on the second, and a blocked tenant.
+fn policy() -> PolicyHandle {
+    let standard = Plan::new("standard")
+        .rate(Quota::per_minute(nz(3)))
+        .concurrency(2);
+    let solo = Plan::new("solo")
+        .rate(Quota::per_second(nz(100)))
+        .concurrency(1);
+    PolicyHandle::new(
+        Policy::builder(standard)
+            .tier(solo)
+            .assign("single", "solo")
+            .block("banned")
+            .build()
+            .expect("policy"),
+    )
+}
+
+/// The three layers, on one policy and a manual clock.
+struct Layers {
+    rate: RateLimitLayer<key::Header>,
+    cap: ConcurrencyCapLayer<key::Header>,
+    shed: LoadShedLayer<key::Header>,
+    time: ManualClock,
+}
+
+fn layers(max_key_len: usize) -> Layers {
+    let policy = policy();
+    let (clock, time) = Clock::manual();
+    let limiter = RateLimiter::builder(policy.clone()).clock(clock).build();
+    Layers {
+        rate: RateLimitLayer::new(limiter)
+            .key(key::header(TENANT))
+            .max_key_len(max_key_len)
+            .success_headers(true),
+        cap: ConcurrencyCapLayer::new(policy.clone())
+            .global_limit(64)
+            .key(key::header(TENANT))
+            .max_key_len(max_key_len),
+        shed: LoadShedLayer::new(Limit::fixed(3))
+            .policy(policy)
+            .key(key::header(TENANT)),
+        time,
+    }
+}
+
+/// `/` answers at once; `/hold` reports its arrival, then waits for a
+/// permit of the gate.
+fn app(
+    layer: impl tower::Layer<
+        axum::routing::Route,
+        Service: tower::Service<
+            Request,
+            Response: axum::response::IntoResponse + 'static,
+            Error: Into<std::convert::Infallible> + 'static,
+            Future: Send + 'static,
+        > + Clone
+                     + Send
+                     + Sync
+                     + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static,
+) -> (Router, Arc<Semaphore>, mpsc::UnboundedReceiver<()>) {
+    let gate = Arc::new(Semaphore::new(0));
+    let (arrived, arrivals) = mpsc::unbounded_channel();
+    let hold_gate = Arc::clone(&gate);
+    let router = Router::new()
+        .route("/", get(|| async { "ok" }))
+        .route(
+            "/hold",
+            get(move || {
+                let (gate, arrived) = (Arc::clone(&hold_gate), arrived.clone());
+                async move {
+                    let _ = arrived.send(());
+                    gate.acquire().await.expect("open").forget();
+                    "held"
+                }
+            }),
+        )
+        .layer(layer);
+    (router, gate, arrivals)
+}
+
+fn hold(http: &Http, tenant: &str) -> tokio::task::JoinHandle<StatusCode> {
+    let (http, tenant) = (http.clone(), tenant.to_owned());
+    tokio::spawn(async move {
+        http.send("GET", "/hold", &[("x-tenant", &tenant)], "")
+            .await
+            .status
+    })
+}
+
+/// Status, the headers the layers set, and the body, for comparison.
+fn summary(reply: &Reply) -> String {
+    let headers: Vec<String> = [
+        "ratelimit-policy",
+        "ratelimit",
+        "retry-after",
+        "www-authenticate",
+        "content-type",
+    ]
+    .iter()
+    .flat_map(|name| {
+        reply
+            .headers
+            .get_all(*name)
+            .iter()
+            .map(move |v| format!("{name}: {}", v.to_str().unwrap_or("?")))
+    })
+    .collect();
+    format!(
+        "{} [{}] {}",
+        reply.status.as_u16(),
+        headers.join("; "),
+        String::from_utf8_lossy(&reply.body)
+    )
+}
+
+/// The same requests, at the same times, through the three layers stacked
+/// and through one `FloodgateLayer` built from the same settings: the same
+/// answers, headers and bodies, and the same counts.
+#[tokio::test]
+async fn it_answers_exactly_as_the_three_layers_stacked() {
+    let stacked = layers(16);
+    let combined = layers(16);
+    let (stacked_app, stacked_gate, mut stacked_arrivals) = app(ServiceBuilder::new()
+        .layer(stacked.rate.clone())
+        .layer(stacked.cap.clone())
+        .layer(stacked.shed.clone()));
+    let (combined_app, combined_gate, mut combined_arrivals) = app(FloodgateLayer::new(
+        key::header(TENANT),
+        &combined.rate,
+        &combined.cap,
+        &combined.shed,
+    ));
+    let stacked_http = Http::new(serve(stacked_app).await);
+    let combined_http = Http::new(serve(combined_app).await);
+
+    let mut answers = Vec::new();
+    for (http, gate, arrivals, time) in [
+        (
+            &stacked_http,
+            &stacked_gate,
+            &mut stacked_arrivals,
+            &stacked.time,
+        ),
+        (
+            &combined_http,
+            &combined_gate,
+            &mut combined_arrivals,
+            &combined.time,
+        ),
+    ] {
+        let mut seen = Vec::new();
+        let get =
+            async |headers: &[(&str, &str)]| summary(&http.send("GET", "/", headers, "").await);
+        // Over the rate: three a minute, then 429 with its headers.
+        for _ in 0..4 {
+            seen.push(get(&[("x-tenant", "acme")]).await);
+        }
+        time.advance(Duration::from_secs(20));
+        seen.push(get(&[("x-tenant", "acme")]).await);
+        // No key, a key too long, a blocked tenant.
+        seen.push(get(&[]).await);
+        seen.push(get(&[("x-tenant", "a-key-longer-than-sixteen-bytes")]).await);
+        seen.push(get(&[("x-tenant", "banned")]).await);
+        // Two headers: an invalid key.
+        seen.push(get(&[("x-tenant", "one"), ("x-tenant", "two")]).await);
+        // At its concurrency cap of 1: 429 concurrent-requests.
+        let holder = hold(http, "single");
+        arrivals.recv().await.expect("arrival");
+        seen.push(get(&[("x-tenant", "single")]).await);
+        // Two more in flight fill the shedder's limit of 3: 503.
+        let others = [hold(http, "x1"), hold(http, "x2")];
+        arrivals.recv().await.expect("arrival");
+        arrivals.recv().await.expect("arrival");
+        seen.push(get(&[("x-tenant", "late")]).await);
+        gate.add_permits(3);
+        assert_eq!(holder.await.expect("task"), StatusCode::OK);
+        for other in others {
+            assert_eq!(other.await.expect("task"), StatusCode::OK);
+        }
+        seen.push(get(&[("x-tenant", "late")]).await);
+        answers.push(seen);
+    }
+    assert_eq!(answers[0], answers[1]);
+    let combined_answers = &answers[1];
+    let statuses: Vec<&str> = combined_answers.iter().map(|a| &a[..3]).collect();
+    assert_eq!(
+        statuses,
+        [
+            "200", "200", "200", "429", "200", "401", "400", "403", "400", "429", "503", "200"
+        ],
+        "{combined_answers:#?}"
+    );
+    assert!(combined_answers[0].contains("ratelimit: \"standard\";r=2;t=20"));
+    assert!(combined_answers[9].contains("qu=\"concurrent-requests\""));
+    // The layers it was built from counted its decisions.
+    assert_eq!(stacked.rate.stats(), combined.rate.stats());
+    assert_eq!(stacked.cap.stats(), combined.cap.stats());
+    assert_eq!(stacked.shed.stats(), combined.shed.stats());
+    assert_eq!(combined.rate.stats().rate_limited, 1);
+    assert_eq!(combined.cap.stats().tenant_capped, 1);
+    assert_eq!(combined.shed.stats().in_flight, 0);
+}
+
+#[tokio::test]
+async fn it_finds_the_tenant_once_a_request() {
+    let l = layers(256);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&calls);
+    let tenant = key::from_fn(move |req: &Request| {
+        counted.fetch_add(1, Ordering::Relaxed);
+        req.headers().get(TENANT).map(TenantKey::from)
+    });
+    let (router, _gate, _arrivals) = app(FloodgateLayer::new(tenant, &l.rate, &l.cap, &l.shed));
+    let http = Http::new(serve(router).await);
+    for _ in 0..5 {
+        assert_eq!(http.get_as("single").await.status, StatusCode::OK);
+    }
+    assert_eq!(calls.load(Ordering::Relaxed), 5);
+}
+
+#[tokio::test]
+async fn the_permits_are_held_until_a_streaming_body_is_done() {
+    let l = layers(256);
+    let (chunks_tx, chunks_rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+    let chunks_rx = Arc::new(tokio::sync::Mutex::new(Some(chunks_rx)));
+    let router = Router::new()
+        .route(
+            "/download",
+            get(move || {
+                let chunks_rx = Arc::clone(&chunks_rx);
+                async move {
+                    let rx = chunks_rx.lock().await.take().expect("one download");
+                    Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                }
+            }),
+        )
+        .route("/", get(|| async { "ok" }))
+        .layer(FloodgateLayer::new(
+            key::header(TENANT),
+            &l.rate,
+            &l.cap,
+            &l.shed,
+        ));
+    let http = Http::new(serve(router).await);
+
+    let res = http
+        .client
+        .request(http.request("GET", "/download", &[("x-tenant", "single")], ""))
+        .await
+        .expect("response");
+    assert_eq!(res.status(), StatusCode::OK);
+    chunks_tx
+        .send(Ok(Bytes::from_static(b"part 1")))
+        .await
+        .expect("send");
+    let mut body = res.into_body();
+    let frame = body.frame().await.expect("a frame").expect("ok");
+    assert_eq!(frame.into_data().ok(), Some(Bytes::from_static(b"part 1")));
+    // The handler has returned; the body still streams and holds both.
+    assert_eq!(
+        http.get_as("single").await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(l.cap.stats().tenants_in_flight, 1);
+    assert_eq!(l.cap.stats().global_in_flight, 1);
+    assert_eq!(l.shed.stats().in_flight, 1);
+
+    drop(chunks_tx);
+    body.collect().await.expect("rest");
+    assert_eq!(http.get_as("single").await.status, StatusCode::OK);
+    let (c, s) = (l.cap.stats(), l.shed.stats());
+    assert_eq!(
+        (c.tenants_in_flight, c.global_in_flight, s.in_flight),
+        (0, 0, 0)
+    );
+}
+
+#[tokio::test]
+async fn critical_requests_keep_their_share_while_sheddable_ones_are_refused() {
+    let l = layers(256);
+    let shed = l.shed.clone().critical_reserve(0.34);
+    let gate = Arc::new(Semaphore::new(0));
+    let hold_gate = Arc::clone(&gate);
+    let router = Router::new()
+        .route(
+            "/hold",
+            get(move || {
+                let gate = Arc::clone(&hold_gate);
+                async move {
+                    gate.acquire().await.expect("open").forget();
+                    "held"
+                }
+            }),
+        )
+        .route("/", get(|| async { "ok" }))
+        .layer(FloodgateLayer::new(
+            key::header(TENANT),
+            &l.rate,
+            &l.cap,
+            &shed,
+        ))
+        // Outside the layer, as an auth layer would: the class of request.
+        .layer(axum::middleware::from_fn(
+            |mut req: Request, next: axum::middleware::Next| async move {
+                let class = match req.headers().get("x-class").map(|v| v.as_bytes()) {
+                    Some(b"critical") => Priority::Critical,
+                    Some(b"sheddable") => Priority::Sheddable,
+                    _ => Priority::Normal,
+                };
+                req.extensions_mut().insert(class);
+                next.run(req).await
+            },
+        ));
+    let http = Http::new(serve(router).await);
+    // Two normal requests fill what normal traffic may use of 3.
+    let held: Vec<_> = ["a", "b"].iter().map(|t| hold(&http, t)).collect();
+    while shed.stats().in_flight < 2 {
+        tokio::task::yield_now().await;
+    }
+    let as_class = |tenant: &'static str, class: &'static str| {
+        let http = http.clone();
+        async move {
+            http.send("GET", "/", &[("x-tenant", tenant), ("x-class", class)], "")
+                .await
+                .status
+        }
+    };
+    assert_eq!(
+        as_class("c", "sheddable").await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        as_class("c", "normal").await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(as_class("c", "critical").await, StatusCode::OK);
+    gate.add_permits(2);
+    for task in held {
+        assert_eq!(task.await.expect("task"), StatusCode::OK);
+    }
+    assert_eq!(shed.stats().in_flight, 0);
+}
+
+#[tokio::test]
+async fn a_request_that_waits_in_the_caps_queue_is_served_in_turn() {
+    let l = layers(256);
+    let cap = l.cap.clone().queue(4, Duration::from_secs(5));
+    let (router, gate, mut arrivals) = app(FloodgateLayer::new(
+        key::header(TENANT),
+        &l.rate,
+        &cap,
+        &l.shed,
+    ));
+    let http = Http::new(serve(router).await);
+    let first = hold(&http, "single");
+    arrivals.recv().await.expect("arrival");
+    // The tenant's one seat is taken: the second waits in the queue.
+    let second = hold(&http, "single");
+    while cap.stats().waiting == 0 {
+        tokio::task::yield_now().await;
+    }
+    gate.add_permits(1);
+    assert_eq!(first.await.expect("task"), StatusCode::OK);
+    arrivals
+        .recv()
+        .await
+        .expect("the second arrives once the first is done");
+    gate.add_permits(1);
+    assert_eq!(second.await.expect("task"), StatusCode::OK);
+    let (c, s) = (cap.stats(), l.shed.stats());
+    assert_eq!((c.waiting, c.tenants_in_flight, s.in_flight), (0, 0, 0));
+}
+
+#[tokio::test]
+async fn a_request_that_waits_in_the_shedders_queue_is_served_in_turn() {
+    let l = layers(256);
+    let shed = l.shed.clone().fairness(false).queue(
+        4,
+        CoDel {
+            target: Duration::from_secs(5),
+            interval: Duration::from_secs(10),
+        },
+    );
+    let (router, gate, mut arrivals) = app(FloodgateLayer::new(
+        key::header(TENANT),
+        &l.rate,
+        &l.cap,
+        &shed,
+    ));
+    let http = Http::new(serve(router).await);
+    let held: Vec<_> = ["a", "b", "c"].iter().map(|t| hold(&http, t)).collect();
+    for _ in 0..3 {
+        arrivals.recv().await.expect("arrival");
+    }
+    let waiting = hold(&http, "d");
+    while shed.stats().waiting == 0 {
+        tokio::task::yield_now().await;
+    }
+    // The cap's permit is held while it waits in the shedder's queue.
+    assert_eq!(l.cap.stats().global_in_flight, 4);
+    gate.add_permits(1);
+    arrivals.recv().await.expect("the fourth arrives");
+    gate.add_permits(3);
+    for task in held {
+        assert_eq!(task.await.expect("task"), StatusCode::OK);
+    }
+    assert_eq!(waiting.await.expect("task"), StatusCode::OK);
+    let (c, s) = (l.cap.stats(), shed.stats());
+    assert_eq!((c.global_in_flight, s.in_flight, s.waiting), (0, 0, 0));
+}
+
+/// Requests abandoned before, while and after they are admitted (client
+/// timeouts, queues, streaming bodies dropped half read) give everything
+/// back.
+#[tokio::test(start_paused = true)]
+async fn cancelled_requests_leave_nothing_behind() {
+    let l = layers(256);
+    let cap = l.cap.clone().queue(8, Duration::from_millis(5));
+    let svc = ServiceBuilder::new()
+        .layer(FloodgateLayer::new(
+            key::header(TENANT),
+            &l.rate,
+            &cap,
+            &l.shed,
+        ))
+        .service(tower::service_fn(|_req: http::Request<()>| async {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            Ok::<_, std::convert::Infallible>(http::Response::new(Body::from_stream(
+                tokio_stream::iter([
+                    Ok::<_, std::io::Error>(Bytes::from_static(b"a")),
+                    Ok(Bytes::from_static(b"b")),
+                ]),
+            )))
+        }));
+    let mut tasks = Vec::new();
+    for i in 0..2_000u64 {
+        let svc = svc.clone();
+        let req = http::Request::builder()
+            .header(TENANT, ["single", "x", "y", "z"][(i % 4) as usize])
+            .body(())
+            .expect("request");
+        let abandon_after = Duration::from_micros(i * 7919 % 4_000);
+        tasks.push(tokio::spawn(async move {
+            let exchange = async move {
+                let response = svc.oneshot(req).await.expect("infallible");
+                let mut body = response.into_body();
+                let _ = body.frame().await;
+                // Dropped half read.
+            };
+            let _ = tokio::time::timeout(abandon_after, exchange).await;
+        }));
+    }
+    for task in tasks {
+        task.await.expect("task");
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (c, s) = (cap.stats(), l.shed.stats());
+    assert_eq!(
+        (c.global_in_flight, c.tenants_in_flight, c.waiting),
+        (0, 0, 0),
+        "{c:?}"
+    );
+    assert_eq!((s.in_flight, s.waiting), (0, 0), "{s:?}");
+}
