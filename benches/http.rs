@@ -7,7 +7,8 @@
 //!   limit never reached;
 //! * `rate_limit`: this crate's rate limit alone, the same key and limit;
 //! * `full_stack`: this crate's rate limit, per-tenant and global
-//!   concurrency cap and load shedder, limits never reached.
+//!   concurrency cap and load shedder, limits never reached;
+//! * `floodgate`: the same three decisions in one `FloodgateLayer`.
 //!
 //! Each server is a child process (this binary re-run), so its CPU time is
 //! its own: user + system time of all its threads, from
@@ -50,11 +51,18 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tower_floodgate::shed::{Limit, LoadShedLayer};
 use tower_floodgate::{
-    ConcurrencyCapLayer, Plan, PolicyHandle, Quota, RateLimitLayer, RateLimiter, key,
+    ConcurrencyCapLayer, FloodgateLayer, Plan, PolicyHandle, Quota, RateLimitLayer, RateLimiter,
+    key,
 };
 
 const TENANT: HeaderName = HeaderName::from_static("x-tenant");
-const CONFIGS: [&str; 4] = ["bare", "tower_governor", "rate_limit", "full_stack"];
+const CONFIGS: [&str; 5] = [
+    "bare",
+    "tower_governor",
+    "rate_limit",
+    "full_stack",
+    "floodgate",
+];
 /// Single layers, counted under callgrind with `FLOODGATE_HTTP_EACH_LAYER=1`.
 const EACH_LAYER: [&str; 4] = ["cap_tenant", "cap_global", "shed_fixed", "shed_fair"];
 const CONNECTIONS: usize = 64;
@@ -142,6 +150,13 @@ fn router(config: &str) -> Router {
                             .key(key::header(TENANT)),
                     ),
             )
+        }
+        "floodgate" => {
+            let policy = PolicyHandle::from(Plan::new("p").rate(quota).concurrency(1 << 20));
+            let rate = RateLimitLayer::new(RateLimiter::builder(policy.clone()).build());
+            let cap = ConcurrencyCapLayer::new(policy.clone()).global_limit(1 << 20);
+            let shed = LoadShedLayer::new(Limit::fixed(1 << 20)).policy(policy);
+            router.layer(FloodgateLayer::new(key::header(TENANT), &rate, &cap, &shed))
         }
         "cap_tenant" => router.layer(
             ConcurrencyCapLayer::new(Plan::new("p").concurrency(1 << 20)).key(key::header(TENANT)),
@@ -445,10 +460,11 @@ fn run(rounds: usize, requests: usize) {
     };
     println!(
         "\nserver CPU added per request over bare (median of rounds): tower_governor {:+.0} ns, \
-         rate_limit {:+.0} ns, full_stack {:+.0} ns",
+         rate_limit {:+.0} ns, full_stack {:+.0} ns, floodgate {:+.0} ns",
         ratio_of(1),
         ratio_of(2),
-        ratio_of(3)
+        ratio_of(3),
+        ratio_of(4)
     );
     drop(servers);
     count_instructions(&runtime, requests.min(5_000));

@@ -1,5 +1,6 @@
 //! Tenant-key extraction from arbitrary headers and extensions, alone and
-//! through the rate limit, concurrency cap and load shedder.
+//! through the rate limit, concurrency cap and load shedder, stacked and
+//! as one `FloodgateLayer`.
 //!
 //! Oracle: the layers answer exactly what the extractor's verdict and the
 //! key rules say (401 or 400 for a missing key, 400 for an invalid or
@@ -20,7 +21,8 @@ use libfuzzer_sys::fuzz_target;
 use tower_floodgate::key::{self, KeyError, KeyExtractor};
 use tower_floodgate::shed::{Limit, LoadShedLayer};
 use tower_floodgate::{
-    ConcurrencyCapLayer, MissingKey, Plan, PolicyHandle, Quota, RateLimitLayer, RateLimiter,
+    ConcurrencyCapLayer, FloodgateLayer, MissingKey, Plan, PolicyHandle, Quota, RateLimitLayer,
+    RateLimiter,
 };
 use tower_layer::Layer;
 use tower_service::Service;
@@ -115,12 +117,44 @@ impl Service<Request<String>> for Ok200 {
     }
 }
 
+/// The answer `expected`, a refusal as problem+json.
+fn check(status: StatusCode, headers: &http::HeaderMap, expected: StatusCode) {
+    assert_eq!(status, expected, "{headers:?}");
+    if expected != StatusCode::OK {
+        assert_eq!(
+            headers.get(CONTENT_TYPE).map(HeaderValue::as_bytes),
+            Some(&b"application/problem+json"[..])
+        );
+    }
+}
+
 fn now<F: Future>(f: F) -> F::Output {
     let mut f = pin!(f);
     match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
         Poll::Ready(out) => out,
         Poll::Pending => panic!("an in-memory decision is never pending"),
     }
+}
+
+/// The request the input describes, or `None` if `http` refuses it.
+fn request(input: &Input) -> Option<Request<String>> {
+    let mut builder = Request::builder();
+    for (name, value) in &input.headers {
+        if let (Some(name), Ok(value)) = (name.header(), HeaderValue::from_bytes(value)) {
+            builder = builder.header(name, value);
+        }
+    }
+    let mut req = builder.body(String::new()).ok()?;
+    if let Some(ext) = &input.extension {
+        req.extensions_mut().insert(ext.clone());
+    }
+    if let Some((v6, v4, port)) = input.peer {
+        let ip = v6.map_or(IpAddr::V4(Ipv4Addr::from(v4)), |b| {
+            IpAddr::V6(Ipv6Addr::from(b))
+        });
+        req.extensions_mut().insert(SocketAddr::new(ip, port));
+    }
+    Some(req)
 }
 
 fuzz_target!(|input: Input| {
@@ -133,24 +167,9 @@ fuzz_target!(|input: Input| {
         Extractor::Extension => AnyKey::Extension(key::extension::<String>()),
         Extractor::PeerAddr(bits) => AnyKey::Peer(key::peer_addr().ipv6_prefix(*bits)),
     };
-    let mut builder = Request::builder();
-    for (name, value) in &input.headers {
-        if let (Some(name), Ok(value)) = (name.header(), HeaderValue::from_bytes(value)) {
-            builder = builder.header(name, value);
-        }
-    }
-    let Ok(mut req) = builder.body(String::new()) else {
+    let Some(req) = request(&input) else {
         return;
     };
-    if let Some(ext) = input.extension {
-        req.extensions_mut().insert(ext);
-    }
-    if let Some((v6, v4, port)) = input.peer {
-        let ip = v6.map_or(IpAddr::V4(Ipv4Addr::from(v4)), |b| {
-            IpAddr::V6(Ipv6Addr::from(b))
-        });
-        req.extensions_mut().insert(SocketAddr::new(ip, port));
-    }
     let missing = match input.missing {
         Missing::Unauthorized => MissingKey::Unauthorized,
         Missing::BadRequest => MissingKey::BadRequest,
@@ -188,17 +207,15 @@ fuzz_target!(|input: Input| {
         .max_key_len(max_len);
     let shed = LoadShedLayer::new(Limit::fixed(1 << 20))
         .policy(policy)
-        .key(extractor);
+        .key(extractor.clone());
     let mut service = stack.layer(cap.layer(shed.layer(Ok200)));
     let response = now(service.call(req)).expect("the layers never fail");
-    assert_eq!(response.status(), expected, "{response:?}");
-    if expected != StatusCode::OK {
-        assert_eq!(
-            response
-                .headers()
-                .get(CONTENT_TYPE)
-                .map(HeaderValue::as_bytes),
-            Some(&b"application/problem+json"[..])
-        );
-    }
+    check(response.status(), response.headers(), expected);
+    // The same decisions in one layer, on a copy of the request.
+    let Some(req) = request(&input) else {
+        return;
+    };
+    let mut combined = FloodgateLayer::new(extractor, &stack, &cap, &shed).layer(Ok200);
+    let response = now(combined.call(req)).expect("the layer never fails");
+    check(response.status(), response.headers(), expected);
 });
