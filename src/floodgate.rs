@@ -95,8 +95,8 @@ struct Parts<K, C, P> {
 /// keeps both permits in one response future and one response body. The
 /// three layers' own key extractors are not used; their key rules (a
 /// missing key, the longest key) are. In an axum hello-world server this
-/// took a quarter off what the three layers cost a request (3,435 against
-/// 4,499 instructions over bare; `BENCHMARKS.md`).
+/// took a quarter off what the three layers cost a request (3,467 against
+/// 4,532 instructions over bare; `BENCHMARKS.md`).
 ///
 /// A request that must wait (for Redis' verdict, in the concurrency cap's
 /// queue or the shedder's) waits in a boxed future, so the inner service,
