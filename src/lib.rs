@@ -30,7 +30,8 @@
 //! The layers go in that order, outermost first: who (the key), how often
 //! (rate limit), how many at once (concurrency cap), is the server ok
 //! (load shed), is this already pending (coalesce), then your service. Each
-//! is usable alone, and all share one [`PolicyHandle`].
+//! is usable alone, and all share one [`PolicyHandle`]. [`FloodgateLayer`]
+//! makes the first three decisions in one layer, finding the tenant once.
 //!
 //! # Quick start (axum)
 //!

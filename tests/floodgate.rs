@@ -21,6 +21,7 @@ use common::{Http, Reply, serve};
 use http::{HeaderName, StatusCode};
 use http_body_util::BodyExt;
 use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::StreamExt;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_floodgate::shed::{CoDel, Limit, LoadShedLayer};
 use tower_floodgate::{
@@ -456,51 +457,82 @@ async fn a_request_that_waits_in_the_shedders_queue_is_served_in_turn() {
 /// back.
 #[tokio::test(start_paused = true)]
 async fn cancelled_requests_leave_nothing_behind() {
-    let l = layers(256);
-    let cap = l.cap.clone().queue(8, Duration::from_millis(5));
+    let policy = PolicyHandle::from(
+        Plan::new("p")
+            .rate(Quota::per_second(NonZeroU32::MAX))
+            .concurrency(2),
+    );
+    let rate = RateLimitLayer::new(
+        RateLimiter::builder(policy.clone())
+            .clock(Clock::tokio())
+            .build(),
+    );
+    let cap = ConcurrencyCapLayer::new(policy.clone())
+        .global_limit(12)
+        .queue(2, Duration::from_millis(5));
+    let shed = LoadShedLayer::new(Limit::fixed(8))
+        .clock(Clock::tokio())
+        .policy(policy)
+        .queue(2, CoDel::default());
     let svc = ServiceBuilder::new()
-        .layer(FloodgateLayer::new(
-            key::header(TENANT),
-            &l.rate,
-            &cap,
-            &l.shed,
-        ))
+        .layer(FloodgateLayer::new(key::header(TENANT), &rate, &cap, &shed))
         .service(tower::service_fn(|_req: http::Request<()>| async {
             tokio::time::sleep(Duration::from_millis(2)).await;
             Ok::<_, std::convert::Infallible>(http::Response::new(Body::from_stream(
                 tokio_stream::iter([
                     Ok::<_, std::io::Error>(Bytes::from_static(b"a")),
                     Ok(Bytes::from_static(b"b")),
-                ]),
+                ])
+                .then(|chunk| async move {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    chunk
+                }),
             )))
         }));
     let mut tasks = Vec::new();
-    for i in 0..2_000u64 {
+    for i in 0..4_000u64 {
+        // About eight a millisecond: some served, some queued, some refused.
+        if i % 8 == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         let svc = svc.clone();
         let req = http::Request::builder()
-            .header(TENANT, ["single", "x", "y", "z"][(i % 4) as usize])
+            .header(TENANT, format!("tenant-{}", i % 7))
             .body(())
             .expect("request");
-        let abandon_after = Duration::from_micros(i * 7919 % 4_000);
+        let abandon_after = Duration::from_micros(i * 7919 % 6_000);
         tasks.push(tokio::spawn(async move {
+            // 0: abandoned before its answer; 1: refused; 2: abandoned
+            // mid-body; 3: read to the end.
+            let outcome = Arc::new(AtomicUsize::new(0));
+            let seen = Arc::clone(&outcome);
             let exchange = async move {
                 let response = svc.oneshot(req).await.expect("infallible");
+                if response.status() != StatusCode::OK {
+                    seen.store(1, Ordering::Relaxed);
+                    return;
+                }
+                seen.store(2, Ordering::Relaxed);
                 let mut body = response.into_body();
-                let _ = body.frame().await;
-                // Dropped half read.
+                while body.frame().await.is_some() {}
+                seen.store(3, Ordering::Relaxed);
             };
             let _ = tokio::time::timeout(abandon_after, exchange).await;
+            outcome.load(Ordering::Relaxed)
         }));
     }
+    let mut outcomes = [0u32; 4];
     for task in tasks {
-        task.await.expect("task");
+        outcomes[task.await.expect("task")] += 1;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (c, s) = (cap.stats(), l.shed.stats());
+    let (c, s) = (cap.stats(), shed.stats());
     assert_eq!(
         (c.global_in_flight, c.tenants_in_flight, c.waiting),
         (0, 0, 0),
         "{c:?}"
     );
     assert_eq!((s.in_flight, s.waiting), (0, 0), "{s:?}");
+    // Every ending happened: the test did cancel admitted requests.
+    assert!(outcomes.iter().all(|&n| n > 50), "{outcomes:?}");
 }
