@@ -13,8 +13,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response};
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -25,7 +24,7 @@ use crate::error::Rejection;
 use crate::held::hold;
 use crate::key::{KeyError, KeyExtractor, TenantKey};
 use crate::rate_limit::{self, RateLimitLayer, SuccessHeaders};
-use crate::response::{Guard, ResponseBody, is_grpc, rejection_response};
+use crate::response::{Guard, ResponseBody, after_completion, is_grpc, rejection_response};
 use crate::shed::priority::FromExtension;
 use crate::shed::{self, LoadShedLayer, Priority, PriorityExtractor};
 
@@ -520,12 +519,7 @@ where
             KindProj::Waiting { future } => future.as_mut().poll(cx),
             KindProj::Rejected { response } => Poll::Ready(Ok(match response.take() {
                 Some(response) => *response,
-                None => {
-                    // Polled again after completion: answer rather than panic.
-                    let mut response = Response::new(ResponseBody::full(Bytes::new()));
-                    *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-                    response
-                }
+                None => after_completion(),
             })),
         }
     }

@@ -7,13 +7,12 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::Bytes;
-use http::{Response, StatusCode};
+use http::Response;
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use crate::error::Rejection;
-use crate::response::{Guard, ResponseBody, rejection_response};
+use crate::response::{Guard, ResponseBody, after_completion, rejection_response};
 
 /// A request waiting in one of the layers' queues.
 pub(crate) enum Ticket {
@@ -105,12 +104,6 @@ impl<S: Service<Req>, Req, B> ResponseFuture<S, Req, B> {
             },
         }
     }
-}
-
-fn after_completion<B>() -> Response<ResponseBody<B>> {
-    let mut response = Response::new(ResponseBody::full(Bytes::new()));
-    *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-    response
 }
 
 impl<S, Req, B> Future for ResponseFuture<S, Req, B>

@@ -214,6 +214,15 @@ where
     }
 }
 
+/// The answer of a response future polled again after it completed: a 500
+/// rather than a panic.
+#[cold]
+pub(crate) fn after_completion<B>() -> Response<ResponseBody<B>> {
+    let mut response = Response::new(ResponseBody::full(Bytes::new()));
+    *response.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+    response
+}
+
 /// Whether a request is gRPC, judging by its content type.
 #[inline]
 pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {

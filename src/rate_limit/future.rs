@@ -5,14 +5,13 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::Bytes;
-use http::{Response, StatusCode};
+use http::Response;
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::layer::{SuccessHeaders, Verdict};
 use crate::error::Rejection;
-use crate::response::{ResponseBody, rejection_response};
+use crate::response::{ResponseBody, after_completion, rejection_response};
 
 /// A request waiting for the store's verdict, with the service made ready
 /// for it.
@@ -80,13 +79,6 @@ impl<S: Service<Req>, Req, B> ResponseFuture<S, Req, B> {
             },
         }
     }
-}
-
-fn after_completion<B>() -> Response<ResponseBody<B>> {
-    // Polled again after completion: answer rather than panic.
-    let mut response = Response::new(ResponseBody::full(Bytes::new()));
-    *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-    response
 }
 
 impl<S, Req, B> Future for ResponseFuture<S, Req, B>
