@@ -171,3 +171,53 @@ async fn rejections_convert_to_tonic_status() {
     assert_eq!(meta(&status, "grpc-retry-pushback-ms"), Some("3600000"));
     assert_eq!(meta(&status, "retry-after"), Some("3600"));
 }
+
+/// `FloodgateLayer` in front of tonic: over its rate a tenant gets
+/// RESOURCE_EXHAUSTED with the retry pushback while another is served, and
+/// a call without a key UNAUTHENTICATED.
+#[tokio::test]
+async fn the_combined_layer_answers_grpc_status_codes() {
+    use tower_floodgate::shed::{Limit, LoadShedLayer};
+    use tower_floodgate::{ConcurrencyCapLayer, FloodgateLayer, Plan, PolicyHandle};
+
+    let (clock, _time) = Clock::manual();
+    let policy = PolicyHandle::from(Plan::new("p").rate(Quota::per_minute(nz(2))).concurrency(4));
+    let rate = RateLimitLayer::new(RateLimiter::builder(policy.clone()).clock(clock).build());
+    let cap = ConcurrencyCapLayer::new(policy.clone());
+    let shed = LoadShedLayer::new(Limit::fixed(8)).policy(policy);
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr: SocketAddr = listener.local_addr().expect("addr");
+    let layer = FloodgateLayer::new(key::header(TENANT), &rate, &cap, &shed);
+    tokio::spawn(async move {
+        Server::builder()
+            .layer(layer)
+            .add_service(health)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .expect("serve");
+    });
+    let channel = Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+
+    check(&channel, Some("acme")).await.expect("first");
+    check(&channel, Some("acme")).await.expect("second");
+    let refused = check(&channel, Some("acme"))
+        .await
+        .expect_err("over the rate");
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert_eq!(meta(&refused, "grpc-retry-pushback-ms"), Some("30000"));
+    check(&channel, Some("other"))
+        .await
+        .expect("another tenant");
+    let anonymous = check(&channel, None).await.expect_err("no key");
+    assert_eq!(anonymous.code(), Code::Unauthenticated);
+    assert_eq!(cap.stats().tenants_in_flight, 0);
+    assert_eq!(shed.stats().in_flight, 0);
+    assert_eq!(rate.stats().rate_limited, 1);
+}
