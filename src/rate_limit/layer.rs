@@ -366,8 +366,8 @@ pub(crate) struct Shared<K, C> {
 /// Headers for an admitted response.
 #[derive(Debug)]
 pub(crate) struct SuccessHeaders {
-    pub(crate) policy: HeaderValue,
-    pub(crate) limit: HeaderValue,
+    policy: HeaderValue,
+    limit: HeaderValue,
 }
 
 impl SuccessHeaders {
