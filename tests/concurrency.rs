@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::Body;
 use axum::extract::Request;
 use axum::routing::get;
 use bytes::Bytes;
@@ -106,21 +105,8 @@ async fn a_tenant_at_its_cap_gets_429_while_another_is_served() {
 #[tokio::test]
 async fn the_permit_is_held_until_a_slow_streaming_body_is_done() {
     let caps = ConcurrencyCapLayer::new(Plan::new("p").concurrency(1)).key(key::header(TENANT));
-    let (chunks_tx, chunks_rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(1);
-    let chunks_rx = Arc::new(tokio::sync::Mutex::new(Some(chunks_rx)));
-    let app = Router::new()
-        .route(
-            "/download",
-            get(move || {
-                let chunks_rx = Arc::clone(&chunks_rx);
-                async move {
-                    let rx = chunks_rx.lock().await.take().expect("one download");
-                    Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-                }
-            }),
-        )
-        .route("/", get(|| async { "ok" }))
-        .layer(caps.clone());
+    let (download, chunks_tx) = common::download();
+    let app = download.layer(caps.clone());
     let http = Http::new(serve(app).await);
 
     // The handler has returned and the headers are here, but the body is

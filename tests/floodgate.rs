@@ -23,10 +23,10 @@ use http_body_util::BodyExt;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::StreamExt;
 use tower::{ServiceBuilder, ServiceExt};
-use tower_floodgate::shed::{CoDel, Limit, LoadShedLayer};
+use tower_floodgate::shed::{CoDel, Limit, LoadShedLayer, priority};
 use tower_floodgate::{
-    Clock, ConcurrencyCapLayer, FloodgateLayer, ManualClock, Plan, Policy, PolicyHandle, Priority,
-    Quota, RateLimitLayer, RateLimiter, TenantKey, key,
+    Clock, ConcurrencyCapLayer, FloodgateLayer, ManualClock, Plan, Policy, PolicyHandle, Quota,
+    RateLimitLayer, RateLimiter, TenantKey, key,
 };
 
 const TENANT: HeaderName = HeaderName::from_static("x-tenant");
@@ -264,26 +264,13 @@ async fn it_finds_the_tenant_once_a_request() {
 #[tokio::test]
 async fn the_permits_are_held_until_a_streaming_body_is_done() {
     let l = layers(256);
-    let (chunks_tx, chunks_rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(1);
-    let chunks_rx = Arc::new(tokio::sync::Mutex::new(Some(chunks_rx)));
-    let router = Router::new()
-        .route(
-            "/download",
-            get(move || {
-                let chunks_rx = Arc::clone(&chunks_rx);
-                async move {
-                    let rx = chunks_rx.lock().await.take().expect("one download");
-                    Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-                }
-            }),
-        )
-        .route("/", get(|| async { "ok" }))
-        .layer(FloodgateLayer::new(
-            key::header(TENANT),
-            &l.rate,
-            &l.cap,
-            &l.shed,
-        ));
+    let (download, chunks_tx) = common::download();
+    let router = download.layer(FloodgateLayer::new(
+        key::header(TENANT),
+        &l.rate,
+        &l.cap,
+        &l.shed,
+    ));
     let http = Http::new(serve(router).await);
 
     let res = http
@@ -321,39 +308,17 @@ async fn the_permits_are_held_until_a_streaming_body_is_done() {
 #[tokio::test]
 async fn critical_requests_keep_their_share_while_sheddable_ones_are_refused() {
     let l = layers(256);
-    let shed = l.shed.clone().critical_reserve(0.34);
-    let gate = Arc::new(Semaphore::new(0));
-    let hold_gate = Arc::clone(&gate);
-    let router = Router::new()
-        .route(
-            "/hold",
-            get(move || {
-                let gate = Arc::clone(&hold_gate);
-                async move {
-                    gate.acquire().await.expect("open").forget();
-                    "held"
-                }
-            }),
-        )
-        .route("/", get(|| async { "ok" }))
-        .layer(FloodgateLayer::new(
-            key::header(TENANT),
-            &l.rate,
-            &l.cap,
-            &shed,
-        ))
-        // Outside the layer, as an auth layer would: the class of request.
-        .layer(axum::middleware::from_fn(
-            |mut req: Request, next: axum::middleware::Next| async move {
-                let class = match req.headers().get("x-class").map(|v| v.as_bytes()) {
-                    Some(b"critical") => Priority::Critical,
-                    Some(b"sheddable") => Priority::Sheddable,
-                    _ => Priority::Normal,
-                };
-                req.extensions_mut().insert(class);
-                next.run(req).await
-            },
-        ));
+    let shed = l
+        .shed
+        .clone()
+        .critical_reserve(0.34)
+        .priority(priority::header(HeaderName::from_static("x-class")));
+    let (router, gate, _arrivals) = app(FloodgateLayer::new(
+        key::header(TENANT),
+        &l.rate,
+        &l.cap,
+        &shed,
+    ));
     let http = Http::new(serve(router).await);
     // Two normal requests fill what normal traffic may use of 3.
     let held: Vec<_> = ["a", "b"].iter().map(|t| hold(&http, t)).collect();

@@ -3,11 +3,13 @@
 
 #![allow(clippy::expect_used)]
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
 use http::HeaderName;
+use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic::{Code, Request, Status};
 use tonic_health::pb::HealthCheckRequest;
@@ -33,19 +35,29 @@ where
         + Sync
         + 'static,
 {
-    let (_reporter, health) = tonic_health::server::health_reporter();
+    start(|incoming| async move {
+        Server::builder()
+            .layer(layer)
+            .add_service(tonic_health::server::health_reporter().1)
+            .serve_with_incoming(incoming)
+            .await
+    })
+    .await
+}
+
+/// Serves on 127.0.0.1:0 with `run` (a server with the layers in front of
+/// the health service) and connects a channel to it.
+async fn start<F, Fut>(run: F) -> Channel
+where
+    F: FnOnce(TcpListenerStream) -> Fut,
+    Fut: Future<Output = Result<(), tonic::transport::Error>> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr: SocketAddr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        Server::builder()
-            .layer(layer)
-            .add_service(health)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await
-            .expect("serve");
-    });
+    let serving = run(TcpListenerStream::new(listener));
+    tokio::spawn(async move { serving.await.expect("serve") });
     Endpoint::from_shared(format!("http://{addr}"))
         .expect("endpoint")
         .connect()
@@ -185,25 +197,15 @@ async fn the_combined_layer_answers_grpc_status_codes() {
     let rate = RateLimitLayer::new(RateLimiter::builder(policy.clone()).clock(clock).build());
     let cap = ConcurrencyCapLayer::new(policy.clone());
     let shed = LoadShedLayer::new(Limit::fixed(8)).policy(policy);
-    let (_reporter, health) = tonic_health::server::health_reporter();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr: SocketAddr = listener.local_addr().expect("addr");
     let layer = FloodgateLayer::new(key::header(TENANT), &rate, &cap, &shed);
-    tokio::spawn(async move {
+    let channel = start(|incoming| async move {
         Server::builder()
             .layer(layer)
-            .add_service(health)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .add_service(tonic_health::server::health_reporter().1)
+            .serve_with_incoming(incoming)
             .await
-            .expect("serve");
-    });
-    let channel = Endpoint::from_shared(format!("http://{addr}"))
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect");
+    })
+    .await;
 
     check(&channel, Some("acme")).await.expect("first");
     check(&channel, Some("acme")).await.expect("second");

@@ -32,6 +32,31 @@ pub(crate) async fn serve(app: Router) -> SocketAddr {
     addr
 }
 
+/// What a test sends down a streaming response body.
+pub(crate) type Chunks = tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>;
+
+/// A router whose `GET /download` answers once, with a body that streams
+/// what the test sends on the returned sender and ends when it is dropped;
+/// and `GET /` answers "ok".
+pub(crate) fn download() -> (Router, Chunks) {
+    use std::sync::Arc;
+    let (chunks_tx, chunks_rx) = tokio::sync::mpsc::channel(1);
+    let chunks_rx = Arc::new(tokio::sync::Mutex::new(Some(chunks_rx)));
+    let router = Router::new()
+        .route(
+            "/download",
+            axum::routing::get(move || {
+                let chunks_rx = Arc::clone(&chunks_rx);
+                async move {
+                    let rx = chunks_rx.lock().await.take().expect("one download");
+                    axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                }
+            }),
+        )
+        .route("/", axum::routing::get(|| async { "ok" }));
+    (router, chunks_tx)
+}
+
 /// A response, read to the end.
 pub(crate) struct Reply {
     pub(crate) status: StatusCode,
