@@ -111,19 +111,7 @@ async fn the_permit_is_held_until_a_slow_streaming_body_is_done() {
 
     // The handler has returned and the headers are here, but the body is
     // still streaming.
-    let res = http
-        .client
-        .request(http.request("GET", "/download", &[("x-tenant", "t")], ""))
-        .await
-        .expect("response");
-    assert_eq!(res.status(), StatusCode::OK);
-    chunks_tx
-        .send(Ok(Bytes::from_static(b"part 1")))
-        .await
-        .expect("send");
-    let mut body = res.into_body();
-    let frame = body.frame().await.expect("a frame").expect("ok");
-    assert_eq!(frame.into_data().ok(), Some(Bytes::from_static(b"part 1")));
+    let body = http.start_download("t", &chunks_tx).await;
 
     assert_eq!(http.get_as("t").await.status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(caps.stats().tenants_in_flight, 1);

@@ -273,19 +273,7 @@ async fn the_permits_are_held_until_a_streaming_body_is_done() {
     ));
     let http = Http::new(serve(router).await);
 
-    let res = http
-        .client
-        .request(http.request("GET", "/download", &[("x-tenant", "single")], ""))
-        .await
-        .expect("response");
-    assert_eq!(res.status(), StatusCode::OK);
-    chunks_tx
-        .send(Ok(Bytes::from_static(b"part 1")))
-        .await
-        .expect("send");
-    let mut body = res.into_body();
-    let frame = body.frame().await.expect("a frame").expect("ok");
-    assert_eq!(frame.into_data().ok(), Some(Bytes::from_static(b"part 1")));
+    let body = http.start_download("single", &chunks_tx).await;
     // The handler has returned; the body still streams and holds both.
     assert_eq!(
         http.get_as("single").await.status,

@@ -126,6 +126,30 @@ impl Http {
         }
     }
 
+    /// Starts `GET /download` (see [`download`]) as `tenant`: checks the
+    /// 200, sends a first chunk down `chunks`, reads it, and returns the
+    /// body, still streaming.
+    pub(crate) async fn start_download(
+        &self,
+        tenant: &str,
+        chunks: &Chunks,
+    ) -> hyper::body::Incoming {
+        let res = self
+            .client
+            .request(self.request("GET", "/download", &[("x-tenant", tenant)], ""))
+            .await
+            .expect("response");
+        assert_eq!(res.status(), StatusCode::OK);
+        chunks
+            .send(Ok(Bytes::from_static(b"part 1")))
+            .await
+            .expect("send");
+        let mut body = res.into_body();
+        let frame = body.frame().await.expect("a frame").expect("ok");
+        assert_eq!(frame.into_data().ok(), Some(Bytes::from_static(b"part 1")));
+        body
+    }
+
     pub(crate) async fn get_as(&self, tenant: &str) -> Reply {
         self.send("GET", "/", &[("x-tenant", tenant)], "").await
     }
