@@ -64,7 +64,14 @@ const CONFIGS: [&str; 5] = [
     "floodgate",
 ];
 /// Single layers, counted under callgrind with `FLOODGATE_HTTP_EACH_LAYER=1`.
-const EACH_LAYER: [&str; 4] = ["cap_tenant", "cap_global", "shed_fixed", "shed_fair"];
+const EACH_LAYER: [&str; 6] = [
+    "cap_tenant",
+    "cap_global",
+    "shed_fixed",
+    "shed_fair",
+    "noop",
+    "noop_body",
+];
 const CONNECTIONS: usize = 64;
 const TENANTS: usize = 16;
 const SERVE_ENV: &str = "FLOODGATE_HTTP_BENCH_SERVE";
@@ -172,7 +179,33 @@ fn router(config: &str) -> Router {
                 .policy(Plan::new("p"))
                 .key(key::header(TENANT)),
         ),
+        "noop" => router.layer(tower::util::MapRequestLayer::new(
+            |r: Request<axum::body::Body>| r,
+        )),
+        "noop_body" => router.layer(tower::util::MapResponseLayer::new(
+            |r: http::Response<axum::body::Body>| r.map(|b| Pass { b }),
+        )),
         other => panic!("no configuration {other}"),
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct Pass<B> { #[pin] b: B }
+}
+impl<B: http_body::Body> http_body::Body for Pass<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        self.project().b.poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.b.is_end_stream()
+    }
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.b.size_hint()
     }
 }
 

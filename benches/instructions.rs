@@ -18,7 +18,19 @@ use std::hint::black_box;
 use std::num::NonZeroU32;
 use std::process::Command;
 
-use tower_floodgate::{Quota, RateLimiter};
+use std::convert::Infallible;
+
+use axum::body::Body;
+use http::{HeaderName, Request, Response};
+use http_body_util::BodyExt;
+use tower::{Service, ServiceBuilder, service_fn};
+use tower_floodgate::shed::{Limit, LoadShedLayer};
+use tower_floodgate::{
+    ConcurrencyCapLayer, FloodgateLayer, Plan, PolicyHandle, Quota, RateLimitLayer, RateLimiter,
+    key,
+};
+
+mod support;
 
 const RUN_ENV: &str = "FLOODGATE_INSTRUCTIONS_RUN";
 const N: usize = 200_000;
@@ -30,6 +42,9 @@ fn keys(n: usize) -> Vec<String> {
 
 /// Runs `decisions` decisions of `workload` on `limiter`.
 fn child(limiter: &str, workload: &str, decisions: usize) {
+    if workload == "layer" {
+        return layer_child(limiter, decisions);
+    }
     // Admitted workloads: a rate never reached. Denied: one a day, spent.
     let quota = match workload {
         "hot_deny" => Quota::per_day(NonZeroU32::MIN),
@@ -80,6 +95,113 @@ fn child(limiter: &str, workload: &str, decisions: usize) {
     }
 }
 
+const TENANT: HeaderName = HeaderName::from_static("x-tenant");
+
+async fn hello(_: Request<Body>) -> Result<Response<Body>, Infallible> {
+    Ok(Response::new(Body::from("Hello, World!")))
+}
+
+#[derive(Clone)]
+struct GovernorHeaderKey;
+
+impl tower_governor::key_extractor::KeyExtractor for GovernorHeaderKey {
+    type Key = String;
+
+    fn extract<T>(&self, req: &Request<T>) -> Result<String, tower_governor::GovernorError> {
+        req.headers()
+            .get(&TENANT)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .ok_or(tower_governor::GovernorError::UnableToExtractKey)
+    }
+}
+
+/// One request through `svc`: called, answered, its body read and dropped.
+fn through<S, B>(svc: &mut S, req: Request<Body>)
+where
+    S: Service<Request<Body>, Response = Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let response = support::now(svc.call(req)).unwrap();
+    let body = support::now(response.into_body().collect()).unwrap();
+    black_box(body);
+}
+
+/// Whole layers in process: `decisions` requests of 16 tenants through a
+/// layer in front of a hello-world `service_fn`.
+fn layer_child(layer: &str, decisions: usize) {
+    let tenants: Vec<http::HeaderValue> = (0..16)
+        .map(|i| http::HeaderValue::from_str(&format!("tenant-{i}")).unwrap())
+        .collect();
+    // Built in the measured loop, as a server builds each request: the
+    // same cost in every configuration, so the difference to `bare` is the
+    // layer's.
+    let request = |i: usize| {
+        let mut req = Request::new(Body::empty());
+        req.headers_mut().insert(TENANT, tenants[i % 16].clone());
+        req
+    };
+    let quota = Quota::per_second(NonZeroU32::new(1_000_000_000).unwrap());
+    macro_rules! run {
+        ($svc:expr) => {{
+            let mut svc = $svc;
+            if std::env::var_os("SIZES").is_some() {
+                let f = svc.call(request(0));
+                eprintln!(
+                    "future {} request {} ",
+                    std::mem::size_of_val(&f),
+                    std::mem::size_of::<Request<Body>>()
+                );
+                let r = support::now(f).unwrap();
+                eprintln!(
+                    "response {} body {}",
+                    std::mem::size_of_val(&r),
+                    std::mem::size_of_val(r.body())
+                );
+            }
+            for i in 0..64 {
+                through(&mut svc, request(i));
+            }
+            measured(decisions, |i| through(&mut svc, request(i)));
+        }};
+    }
+    match layer {
+        "bare" => run!(service_fn(hello)),
+        "tower_governor" => {
+            let conf = tower_governor::governor::GovernorConfigBuilder::default()
+                .key_extractor(GovernorHeaderKey)
+                .per_nanosecond(1)
+                .burst_size(u32::MAX)
+                .finish()
+                .unwrap();
+            run!(
+                ServiceBuilder::new()
+                    .layer(tower_governor::GovernorLayer::new(conf))
+                    .service(service_fn(hello))
+            )
+        }
+        "rate_limit" => run!(
+            ServiceBuilder::new()
+                .layer(RateLimitLayer::new(RateLimiter::new(quota)).key(key::header(TENANT)))
+                .service(service_fn(hello))
+        ),
+        "floodgate" => {
+            let policy = PolicyHandle::from(Plan::new("p").rate(quota).concurrency(1 << 20));
+            let rate = RateLimitLayer::new(RateLimiter::builder(policy.clone()).build());
+            let cap = ConcurrencyCapLayer::new(policy.clone()).global_limit(1 << 20);
+            let shed = LoadShedLayer::new(Limit::fixed(1 << 20)).policy(policy);
+            run!(
+                ServiceBuilder::new()
+                    .layer(FloodgateLayer::new(key::header(TENANT), &rate, &cap, &shed))
+                    .service(service_fn(hello))
+            )
+        }
+        other => panic!("no layer {other}"),
+    }
+}
+
 /// The decisions, the only code callgrind counts (`--toggle-collect`).
 #[inline(never)]
 fn measured(decisions: usize, mut decide: impl FnMut(usize)) {
@@ -91,10 +213,14 @@ fn measured(decisions: usize, mut decide: impl FnMut(usize)) {
 /// Instructions of a child run's decisions, from callgrind's summary.
 fn count(limiter: &str, workload: &str, decisions: usize) -> Option<u64> {
     let exe = std::env::current_exe().ok()?;
+    let out_file = std::env::var("FLOODGATE_INSTRUCTIONS_OUT").map_or_else(
+        |_| "/dev/null".to_owned(),
+        |dir| format!("{dir}/callgrind.{limiter}.{workload}.out"),
+    );
     let out = Command::new("valgrind")
         .args([
             "--tool=callgrind",
-            "--callgrind-out-file=/dev/null",
+            &format!("--callgrind-out-file={out_file}"),
             "--toggle-collect=*instructions::measured*",
         ])
         .arg(exe)
@@ -139,5 +265,17 @@ fn main() {
             ),
             _ => println!("{workload:<14} (callgrind failed)"),
         }
+    }
+    println!("\ninstructions per request through a whole layer, in process\n");
+    let layers = ["bare", "tower_governor", "rate_limit", "floodgate"];
+    let mut bare = None;
+    for layer in layers {
+        let Some(n) = count(layer, "layer", 20_000) else {
+            println!("{layer:<16} (callgrind failed)");
+            continue;
+        };
+        let per = n as f64 / 20_000.0;
+        let base = *bare.get_or_insert(per);
+        println!("{layer:<16} {per:>10.1} {:>+10.1} over bare", per - base);
     }
 }

@@ -3,9 +3,10 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use http::StatusCode;
+use http::{HeaderValue, StatusCode};
 
 use crate::error::Rejection;
+use crate::hash::tenant_hash;
 use crate::key::{KeyError, KeyExtractor, TenantKey};
 
 /// The default bound on tenant key length, in bytes.
@@ -42,40 +43,101 @@ impl Default for KeyRules {
     }
 }
 
-impl KeyRules {
-    /// The tenant of `req`, or the rejection for a missing, malformed or
-    /// oversized key.
+/// A request's tenant key, extracted once, with its hash: what every
+/// decision about the request reads, so that a stack of decisions (one
+/// [`FloodgateLayer`](crate::FloodgateLayer)) finds and hashes the tenant
+/// once.
+pub(crate) struct Extracted {
+    key: Result<TenantKey, KeyError>,
+    /// The hash of the key, if there is one.
+    hash: u64,
+}
+
+impl Extracted {
+    /// The key `extractor` finds in `req`.
     #[inline]
-    pub(crate) fn tenant<K, Req>(&self, key: &K, req: &Req) -> Result<TenantKey, Rejection>
+    pub(crate) fn from_request<K, Req>(extractor: &K, req: &Req) -> Self
     where
         K: KeyExtractor<Req>,
     {
-        let tenant = match key.extract(req) {
-            Ok(tenant) => tenant,
-            Err(KeyError::Missing) => match self.missing {
-                MissingKey::Anonymous => TenantKey::anonymous(),
-                MissingKey::Unauthorized => {
-                    return Err(Rejection::MissingKey {
-                        status: StatusCode::UNAUTHORIZED,
-                        challenge: key.challenge(),
-                    });
-                }
-                MissingKey::BadRequest => {
-                    return Err(Rejection::MissingKey {
-                        status: StatusCode::BAD_REQUEST,
-                        challenge: None,
-                    });
-                }
+        let key = extractor.extract(req);
+        let hash = key.as_ref().map_or(0, |key| tenant_hash(key.as_bytes()));
+        Self { key, hash }
+    }
+
+    /// The key, if the request has a valid one (whatever its length).
+    #[inline]
+    pub(crate) fn key(&self) -> Option<Tenant<'_>> {
+        match &self.key {
+            Ok(key) => Some(Tenant {
+                key,
+                hash: self.hash,
+            }),
+            Err(_) => None,
+        }
+    }
+}
+
+/// A tenant key with its hash.
+#[derive(Clone, Copy)]
+pub(crate) struct Tenant<'a> {
+    pub(crate) key: &'a TenantKey,
+    pub(crate) hash: u64,
+}
+
+/// The shared key of requests without one, for [`MissingKey::Anonymous`].
+static ANONYMOUS: TenantKey = TenantKey::anonymous();
+
+impl KeyRules {
+    /// The tenant of a request whose key was `extracted`, or the rejection
+    /// for a missing, malformed or oversized key. `challenge` is the
+    /// extractor's, for a 401.
+    #[inline]
+    pub(crate) fn resolve<'a>(
+        &self,
+        extracted: &'a Extracted,
+        challenge: impl FnOnce() -> Option<HeaderValue>,
+    ) -> Result<Tenant<'a>, Rejection> {
+        let tenant = match &extracted.key {
+            Ok(key) => Tenant {
+                key,
+                hash: extracted.hash,
             },
-            Err(KeyError::Invalid(reason)) => return Err(Rejection::InvalidKey { reason }),
+            Err(KeyError::Missing) => self.missing(challenge)?,
+            Err(KeyError::Invalid(reason)) => {
+                return Err(Rejection::InvalidKey { reason });
+            }
         };
-        if tenant.len() > self.max_len {
+        if tenant.key.len() > self.max_len {
             return Err(Rejection::KeyTooLong {
-                len: tenant.len(),
+                len: tenant.key.len(),
                 max: self.max_len,
             });
         }
         Ok(tenant)
+    }
+
+    /// The tenant of a request without a key: the anonymous one, or a
+    /// rejection.
+    #[cold]
+    fn missing(
+        &self,
+        challenge: impl FnOnce() -> Option<HeaderValue>,
+    ) -> Result<Tenant<'static>, Rejection> {
+        match self.missing {
+            MissingKey::Anonymous => Ok(Tenant {
+                key: &ANONYMOUS,
+                hash: tenant_hash(ANONYMOUS.as_bytes()),
+            }),
+            MissingKey::Unauthorized => Err(Rejection::MissingKey {
+                status: StatusCode::UNAUTHORIZED,
+                challenge: challenge(),
+            }),
+            MissingKey::BadRequest => Err(Rejection::MissingKey {
+                status: StatusCode::BAD_REQUEST,
+                challenge: None,
+            }),
+        }
     }
 }
 

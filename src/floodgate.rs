@@ -13,76 +13,74 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use http::{HeaderValue, Request, Response};
+use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
+use crate::common::Extracted;
 use crate::concurrency::{self, ConcurrencyCapLayer};
-use crate::cost::{InvalidCost, RequestCost, UnitCost};
+use crate::cost::{RequestCost, UnitCost};
 use crate::error::Rejection;
 use crate::held::hold;
-use crate::key::{KeyError, KeyExtractor, TenantKey};
+use crate::key::KeyExtractor;
 use crate::rate_limit::{self, RateLimitLayer, SuccessHeaders};
-use crate::response::{Guard, ResponseBody, after_completion, is_grpc, rejection_response};
+use crate::response::{self, ResponseBody, after_completion, is_grpc, rejection_response};
 use crate::shed::priority::FromExtension;
-use crate::shed::{self, LoadShedLayer, Priority, PriorityExtractor};
-
-/// A request with its tenant already found: what the three decisions read,
-/// so that the key is extracted once.
-pub(crate) struct Tagged<'a, Req> {
-    req: &'a Req,
-    key: &'a Result<TenantKey, KeyError>,
-}
-
-/// The key extractor of a [`Tagged`] request: the key found before.
-#[derive(Clone)]
-pub(crate) struct Known<K>(K);
-
-impl<'a, K, Req> KeyExtractor<Tagged<'a, Req>> for Known<K>
-where
-    K: KeyExtractor<Req>,
-{
-    #[inline]
-    fn extract(&self, req: &Tagged<'a, Req>) -> Result<TenantKey, KeyError> {
-        req.key.clone()
-    }
-
-    fn challenge(&self) -> Option<HeaderValue> {
-        self.0.challenge()
-    }
-}
-
-/// A cost or priority extractor, reading the request under a [`Tagged`] one.
-#[derive(Clone)]
-pub(crate) struct Via<T>(T);
-
-impl<'a, C, Req> RequestCost<Tagged<'a, Req>> for Via<C>
-where
-    C: RequestCost<Req>,
-{
-    #[inline]
-    fn cost(&self, req: &Tagged<'a, Req>) -> Result<u32, InvalidCost> {
-        self.0.cost(req.req)
-    }
-}
-
-impl<'a, P, Req> PriorityExtractor<Tagged<'a, Req>> for Via<P>
-where
-    P: PriorityExtractor<Req>,
-{
-    #[inline]
-    fn priority(&self, req: &Tagged<'a, Req>) -> Option<Priority> {
-        self.0.priority(req.req)
-    }
-}
+use crate::shed::{self, LoadShedLayer, PriorityExtractor};
 
 /// What every service of a [`FloodgateLayer`] shares.
 struct Parts<K, C, P> {
     key: K,
-    rate: Arc<rate_limit::Shared<Known<K>, Via<C>>>,
-    cap: Arc<concurrency::Shared<Known<K>>>,
-    shed: Arc<shed::Shared<Known<K>, Via<P>>>,
+    rate: Arc<rate_limit::Shared<K, C>>,
+    cap: Arc<concurrency::Shared<K>>,
+    shed: Arc<shed::Shared<K, P>>,
+    /// Where the units of admitted requests go back to.
+    runtimes: Arc<Runtimes>,
+    /// Whether the three layers share one policy and the limiter is in
+    /// memory, so that the common case can look the plan up once and decide
+    /// without a round trip ([`Parts::fast`]).
+    one_policy: bool,
+    /// The longest key both the rate limit and the concurrency cap accept.
+    max_key_len: usize,
+}
+
+/// The concurrency cap's and the shedder's state, which an admitted
+/// request's [`Guard`] returns its units to.
+struct Runtimes {
+    cap: Arc<concurrency::Runtime>,
+    shed: Arc<shed::Runtime>,
+}
+
+/// What a request admitted by a [`FloodgateLayer`] holds while in flight:
+/// its units of the concurrency cap and of the shedder, returned (the
+/// shedder's first, as two stacked layers would) when it is dropped.
+pub(crate) struct Guard {
+    runtimes: Arc<Runtimes>,
+    cap: concurrency::Held,
+    shed: shed::Held,
+}
+
+impl Guard {
+    /// Whether it holds nothing.
+    #[inline]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.cap.is_empty() && self.shed.is_empty()
+    }
+
+    /// The response head is ready (the shedder measures latency to it).
+    #[inline]
+    pub(crate) fn responded(&self) {
+        self.shed.responded(&self.runtimes.shed);
+    }
+}
+
+impl Drop for Guard {
+    #[inline]
+    fn drop(&mut self) {
+        self.shed.release(&self.runtimes.shed);
+        self.cap.release(&self.runtimes.cap);
+    }
 }
 
 /// The rate limit, the concurrency cap and the load shedder in one layer.
@@ -140,11 +138,24 @@ impl<K: Clone> FloodgateLayer<K> {
         cap: &ConcurrencyCapLayer<K2>,
         shed: &LoadShedLayer<K3, P>,
     ) -> FloodgateLayer<K, C, P> {
+        let policy = rate.limiter().policy();
+        let one_policy = !rate.limiter().is_remote()
+            && policy.same_as(cap.policy())
+            && policy.same_as(shed.policy_handle());
+        let rate = rate.shared_with(key.clone(), rate.cost_extractor().clone());
+        let cap = cap.shared_with(key.clone());
+        let shed = shed.shared_with(key.clone(), shed.priority_extractor().clone());
         FloodgateLayer {
             parts: Arc::new(Parts {
-                rate: rate.shared_with(Known(key.clone()), Via(rate.cost_extractor().clone())),
-                cap: cap.shared_with(Known(key.clone())),
-                shed: shed.shared_with(Known(key.clone()), Via(shed.priority_extractor().clone())),
+                one_policy,
+                max_key_len: rate.key_rules().max_len.min(cap.key_rules().max_len),
+                runtimes: Arc::new(Runtimes {
+                    cap: Arc::clone(cap.runtime()),
+                    shed: Arc::clone(shed.runtime()),
+                }),
+                rate,
+                cap,
+                shed,
                 key,
             }),
         }
@@ -225,50 +236,115 @@ enum Stage {
     Rate(Pin<Box<dyn Future<Output = rate_limit::Verdict> + Send>>),
     /// Admitted by the rate limit, waiting in the concurrency cap's queue.
     Cap(Box<concurrency::Ticket>, Option<Box<SuccessHeaders>>),
-    /// Holding the cap's permit, waiting in the shedder's queue.
-    Shed(
-        Box<shed::Ticket>,
-        concurrency::Permit,
-        Option<Box<SuccessHeaders>>,
-    ),
+    /// Holding the cap's units, waiting in the shedder's queue.
+    Shed(Box<shed::Ticket>, Guard, Option<Box<SuccessHeaders>>),
 }
 
 /// What the concurrency cap or the shedder decided, made uniform.
-enum Step<Permit, Ticket> {
-    Now(Permit),
+enum Step<Held, Ticket> {
+    Now(Held),
     Wait(Box<Ticket>),
     Reject(Rejection),
 }
 
+/// How far the common case got.
+enum Fast {
+    /// Admitted by all three.
+    Admitted(Guard, Option<Box<SuccessHeaders>>),
+    /// Admitted by the rate limit; the concurrency cap decides the usual
+    /// way.
+    Cap(Option<Box<SuccessHeaders>>),
+    /// Admitted by the rate limit and the concurrency cap; the shedder
+    /// decides the usual way.
+    Shed(Guard, Option<Box<SuccessHeaders>>),
+    /// Not the common case: all three decide the usual way.
+    No,
+}
+
 impl<K, C, P> Parts<K, C, P> {
+    /// The common case, with the plan looked up once for all three
+    /// decisions: one policy, an in-memory limiter, a valid key, a tenant
+    /// that is not blocked, no observers and no shadow mode, and every
+    /// decision an admission. Each decision this cannot make at once is
+    /// left to the usual path, which makes it again from the start.
     #[inline]
-    fn cap<Req>(&self, tagged: &Tagged<'_, Req>) -> Step<concurrency::Permit, concurrency::Ticket>
+    fn fast<Req>(&self, req: &Req, extracted: &Extracted) -> Fast
+    where
+        C: RequestCost<Req>,
+        P: PriorityExtractor<Req>,
+    {
+        if !self.one_policy {
+            return Fast::No;
+        }
+        let Some(tenant) = extracted.key() else {
+            return Fast::No;
+        };
+        let Some(cost) = self.rate.cost(req) else {
+            return Fast::No;
+        };
+        if tenant.key.len() > self.max_key_len {
+            return Fast::No;
+        }
+        let snapshot = self.rate.limiter().snapshot();
+        let policy = &snapshot.extra;
+        if policy.any_blocked() {
+            return Fast::No;
+        }
+        let plan = policy.plan_for_hashed(tenant.hash, tenant.key.as_bytes());
+        let Some(headers) = self.rate.admit_plan(&snapshot, plan, tenant, cost) else {
+            return Fast::No;
+        };
+        let Some(cap) = self.cap.admit_plan(plan, tenant.hash) else {
+            return Fast::Cap(headers);
+        };
+        let mut guard = self.guard(cap);
+        match self.shed.admit_plan(req, plan, tenant.hash) {
+            Some(shed) => {
+                guard.shed = shed;
+                Fast::Admitted(guard, headers)
+            }
+            None => Fast::Shed(guard, headers),
+        }
+    }
+
+    #[inline]
+    fn cap<Req>(&self, extracted: &Extracted) -> Step<concurrency::Held, concurrency::Ticket>
     where
         K: KeyExtractor<Req>,
     {
-        if let Some(permit) = self.cap.admit_fast() {
-            return Step::Now(permit);
+        if let Some(held) = self.cap.admit_fast() {
+            return Step::Now(held);
         }
-        match self.cap.admit(tagged) {
-            concurrency::Admit::Now(permit) => Step::Now(permit),
+        match self.cap.admit_with(extracted, || self.key.challenge()) {
+            concurrency::Admit::Now(held) => Step::Now(held),
             concurrency::Admit::Wait(ticket) => Step::Wait(ticket),
             concurrency::Admit::Reject(rejection) => Step::Reject(rejection),
         }
     }
 
     #[inline]
-    fn shed<Req>(&self, tagged: &Tagged<'_, Req>) -> Step<shed::Permit, shed::Ticket>
+    fn shed<Req>(&self, req: &Req, extracted: &Extracted) -> Step<shed::Held, shed::Ticket>
     where
-        K: KeyExtractor<Req>,
         P: PriorityExtractor<Req>,
     {
-        if let Some(permit) = self.shed.admit_fast(tagged) {
-            return Step::Now(permit);
+        if let Some(held) = self.shed.admit_fast(req) {
+            return Step::Now(held);
         }
-        match self.shed.admit(tagged) {
-            shed::Admit::Now(permit) => Step::Now(permit),
+        match self.shed.admit_with(req, Some(extracted)) {
+            shed::Admit::Now(held) => Step::Now(held),
             shed::Admit::Wait(ticket) => Step::Wait(ticket),
             shed::Admit::Reject(rejection) => Step::Reject(rejection),
+        }
+    }
+
+    /// The guard of a request holding `cap`'s units (and none of the
+    /// shedder's yet).
+    #[inline]
+    fn guard(&self, cap: concurrency::Held) -> Guard {
+        Guard {
+            runtimes: Arc::clone(&self.runtimes),
+            cap,
+            shed: shed::Held::EMPTY,
         }
     }
 }
@@ -293,50 +369,94 @@ where
         self.inner.poll_ready(cx)
     }
 
+    #[inline]
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let parts = &*self.parts;
-        let key = parts.key.extract(&req);
-        let tagged = Tagged {
-            req: &req,
-            key: &key,
-        };
-        let headers = match parts.rate.admit(&tagged) {
-            rate_limit::Admit::Now(Ok(headers)) => headers,
-            rate_limit::Admit::Now(Err(rejection)) => {
-                return ResponseFuture::rejected(rejection, &req, None);
+        let extracted = Extracted::from_request(&parts.key, &req);
+        let (headers, guard) = match parts.fast(&req, &extracted) {
+            Fast::Admitted(guard, headers) => {
+                return ResponseFuture {
+                    kind: Kind::Admitted {
+                        guard: Some(guard),
+                        headers,
+                        future: self.inner.call(req),
+                    },
+                };
             }
-            rate_limit::Admit::Later(verdict) => {
-                return self.wait(req, key, Stage::Rate(verdict));
+            Fast::Shed(guard, headers) => (headers, Some(guard)),
+            Fast::Cap(headers) => (headers, None),
+            Fast::No => match parts.rate.admit_with(&req, &extracted) {
+                rate_limit::Admit::Now(Ok(headers)) => (headers, None),
+                rate_limit::Admit::Now(Err(rejection)) => {
+                    return ResponseFuture::rejected(rejection, &req, None);
+                }
+                rate_limit::Admit::Later(verdict) => {
+                    return self.wait(req, extracted, Stage::Rate(verdict));
+                }
+            },
+        };
+        self.call_slow(req, extracted, headers, guard)
+    }
+}
+
+impl<S, K, C, P> Floodgate<S, K, C, P> {
+    /// The concurrency cap's decision (unless `guard` already holds its
+    /// units) and the shedder's, the usual way.
+    #[inline(never)]
+    fn call_slow<ReqBody, ResBody>(
+        &mut self,
+        req: Request<ReqBody>,
+        extracted: Extracted,
+        headers: Option<Box<SuccessHeaders>>,
+        guard: Option<Guard>,
+    ) -> ResponseFuture<S::Future, ResBody, S::Error>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static,
+        ReqBody: Send + 'static,
+        ResBody: Send + 'static,
+        K: KeyExtractor<Request<ReqBody>> + Send + Sync + 'static,
+        C: Send + Sync + 'static,
+        P: PriorityExtractor<Request<ReqBody>> + Send + Sync + 'static,
+    {
+        let parts = &*self.parts;
+        let mut guard = match guard {
+            Some(guard) => guard,
+            None => match parts.cap::<Request<ReqBody>>(&extracted) {
+                Step::Now(held) => parts.guard(held),
+                Step::Wait(ticket) => {
+                    return self.wait(req, extracted, Stage::Cap(ticket, headers));
+                }
+                Step::Reject(rejection) => {
+                    return ResponseFuture::rejected(rejection, &req, headers);
+                }
+            },
+        };
+        guard.shed = match parts.shed(&req, &extracted) {
+            Step::Now(held) => held,
+            Step::Wait(ticket) => {
+                return self.wait(req, extracted, Stage::Shed(ticket, guard, headers));
             }
-        };
-        let cap = match parts.cap(&tagged) {
-            Step::Now(permit) => permit,
-            Step::Wait(ticket) => return self.wait(req, key, Stage::Cap(ticket, headers)),
-            Step::Reject(rejection) => return ResponseFuture::rejected(rejection, &req, headers),
-        };
-        let shed = match parts.shed(&tagged) {
-            Step::Now(permit) => permit,
-            Step::Wait(ticket) => return self.wait(req, key, Stage::Shed(ticket, cap, headers)),
+            // Dropping the guard returns the cap's units.
             Step::Reject(rejection) => return ResponseFuture::rejected(rejection, &req, headers),
         };
         ResponseFuture {
             kind: Kind::Admitted {
-                permits: Some((cap, shed)),
+                guard: Some(guard),
                 headers,
                 future: self.inner.call(req),
             },
         }
     }
-}
 
-impl<S, K, C, P> Floodgate<S, K, C, P> {
     /// A request that waits: it takes the instance made ready for it and
     /// goes on from `stage` in a boxed future.
     #[inline(never)]
     fn wait<ReqBody, ResBody>(
         &mut self,
         req: Request<ReqBody>,
-        key: Result<TenantKey, KeyError>,
+        extracted: Extracted,
         stage: Stage,
     ) -> ResponseFuture<S::Future, ResBody, S::Error>
     where
@@ -365,26 +485,24 @@ impl<S, K, C, P> Floodgate<S, K, C, P> {
             // Each decision is made with the request borrowed only for
             // that statement: a borrow held across an await would need
             // the request to be `Sync`.
-            let (cap, shed, headers) = loop {
+            let (guard, headers) = loop {
                 stage = match stage {
                     Stage::Rate(verdict) => {
                         let headers = match verdict.await {
                             Ok(headers) => headers,
                             Err(rejection) => return refuse(rejection, None),
                         };
-                        let step = parts.cap(&Tagged {
-                            req: &req,
-                            key: &key,
-                        });
+                        let step = parts.cap::<Request<ReqBody>>(&extracted);
                         match step {
-                            Step::Now(cap) => {
-                                let step = parts.shed(&Tagged {
-                                    req: &req,
-                                    key: &key,
-                                });
+                            Step::Now(held) => {
+                                let mut guard = parts.guard(held);
+                                let step = parts.shed(&req, &extracted);
                                 match step {
-                                    Step::Now(shed) => break (cap, shed, headers),
-                                    Step::Wait(ticket) => Stage::Shed(ticket, cap, headers),
+                                    Step::Now(held) => {
+                                        guard.shed = held;
+                                        break (guard, headers);
+                                    }
+                                    Step::Wait(ticket) => Stage::Shed(ticket, guard, headers),
                                     Step::Reject(rejection) => return refuse(rejection, headers),
                                 }
                             }
@@ -393,31 +511,34 @@ impl<S, K, C, P> Floodgate<S, K, C, P> {
                         }
                     }
                     Stage::Cap(mut ticket, headers) => {
-                        let cap = match poll_fn(|cx| ticket.poll_permit(cx)).await {
-                            Ok(cap) => cap,
+                        let mut guard = match poll_fn(|cx| ticket.poll_permit(cx)).await {
+                            Ok(permit) => parts.guard(permit.into_held()),
                             Err(rejection) => return refuse(rejection, headers),
                         };
                         drop(ticket);
-                        let step = parts.shed(&Tagged {
-                            req: &req,
-                            key: &key,
-                        });
+                        let step = parts.shed(&req, &extracted);
                         match step {
-                            Step::Now(shed) => break (cap, shed, headers),
-                            Step::Wait(ticket) => Stage::Shed(ticket, cap, headers),
+                            Step::Now(held) => {
+                                guard.shed = held;
+                                break (guard, headers);
+                            }
+                            Step::Wait(ticket) => Stage::Shed(ticket, guard, headers),
                             Step::Reject(rejection) => return refuse(rejection, headers),
                         }
                     }
-                    Stage::Shed(mut ticket, cap, headers) => {
+                    Stage::Shed(mut ticket, mut guard, headers) => {
                         match poll_fn(|cx| ticket.poll_permit(cx)).await {
-                            Ok(shed) => break (cap, shed, headers),
+                            Ok(permit) => {
+                                guard.shed = permit.into_held();
+                                break (guard, headers);
+                            }
                             Err(rejection) => return refuse(rejection, headers),
                         }
                     }
                 };
             };
             let response = service.call(req).await?;
-            Ok(admitted(response, Some((cap, shed)), headers))
+            Ok(admitted(response, Some(guard), headers))
         };
         ResponseFuture {
             kind: Kind::Waiting {
@@ -427,26 +548,21 @@ impl<S, K, C, P> Floodgate<S, K, C, P> {
     }
 }
 
-/// The admitted response: the rate limit's headers added, the permits held
-/// by its body until the body is done (the shedder's inside, so that it
-/// measures latency as when stacked).
+/// The admitted response: the rate limit's headers added, the guard held
+/// by its body until the body is done.
 #[inline]
 fn admitted<B>(
     mut response: Response<B>,
-    permits: Option<(concurrency::Permit, shed::Permit)>,
+    guard: Option<Guard>,
     headers: Option<Box<SuccessHeaders>>,
 ) -> Response<Body<B>> {
     add_headers(&mut response, headers);
-    let (cap, shed) = match permits {
-        Some((cap, shed)) => (Some(Guard::Permit(cap)), Some(Guard::Shed(shed))),
-        None => (None, None),
-    };
-    hold(hold(response, shed), cap)
+    hold(response, guard.map(response::Guard::Floodgate))
 }
 
-/// The response body of [`Floodgate`]: the inner body, holding the load
-/// shedder's permit inside the concurrency cap's until it is done.
-pub type Body<B> = ResponseBody<ResponseBody<B>>;
+/// The response body of [`Floodgate`]: the inner body, holding the
+/// request's units of the concurrency cap and the shedder until it is done.
+pub type Body<B> = ResponseBody<B>;
 
 /// The rate limit's headers, if it admitted the request and sends them.
 #[inline]
@@ -472,7 +588,7 @@ pin_project! {
         Admitted {
             #[pin]
             future: F,
-            permits: Option<(concurrency::Permit, shed::Permit)>,
+            guard: Option<Guard>,
             headers: Option<Box<SuccessHeaders>>,
         },
         Waiting { future: Waiting<B, E> },
@@ -510,11 +626,11 @@ where
         match self.project().kind.project() {
             KindProj::Admitted {
                 future,
-                permits,
+                guard,
                 headers,
             } => {
                 let response = ready!(future.poll(cx))?;
-                Poll::Ready(Ok(admitted(response, permits.take(), headers.take())))
+                Poll::Ready(Ok(admitted(response, guard.take(), headers.take())))
             }
             KindProj::Waiting { future } => future.as_mut().poll(cx),
             KindProj::Rejected { response } => Poll::Ready(Ok(match response.take() {

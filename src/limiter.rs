@@ -202,6 +202,40 @@ impl RateLimiter {
         f(plan, outcome(step, tat, now, cost, quota))
     }
 
+    /// The policy in force and the tenant table, for decisions that look
+    /// the plan up once and use it for more than the rate (a
+    /// [`FloodgateLayer`](crate::FloodgateLayer)).
+    #[inline]
+    pub(crate) fn snapshot(&self) -> PolicySnapshot {
+        self.inner.store.snapshot()
+    }
+
+    /// The in-memory decision for a tenant whose plan, under `snapshot`'s
+    /// policy, has `quota`; `Some` only if it admits. A limiter on Redis
+    /// never decides here.
+    #[inline]
+    pub(crate) fn admit_in(
+        &self,
+        snapshot: &PolicySnapshot,
+        hash: u64,
+        cost: u32,
+        quota: &Quota,
+    ) -> Option<Allowed> {
+        let inner = &*self.inner;
+        #[cfg(feature = "redis")]
+        if inner.remote.is_some() {
+            return None;
+        }
+        let now = inner.clock.now_nanos();
+        match inner.store.check(snapshot, hash, now, cost, quota) {
+            (Step::Allow { .. }, tat) => Some(Allowed {
+                usage: Some(Usage::at(tat, now, quota)),
+                fallback: false,
+            }),
+            _ => None,
+        }
+    }
+
     /// Decides, at once when the store is in memory (or the deny cache
     /// already knows), or after a round trip to Redis.
     #[inline]
@@ -596,6 +630,9 @@ fn blocked(plan: &Plan, cost: u32, now: u64) -> Denied {
         fallback: false,
     }
 }
+
+/// What a decision reads: the tenant table, and the policy in force.
+pub(crate) type PolicySnapshot = arc_swap::Guard<Arc<crate::table::Snapshot<Arc<Policy>>>>;
 
 /// A decision made at once, or one that needs a round trip.
 pub(crate) enum Deferred<R> {

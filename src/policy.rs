@@ -627,6 +627,12 @@ impl PolicyHandle {
 
     /// Registers `listener`, built with the policy `seen`, for every later
     /// change; if the policy changed since `seen`, tells it at once.
+    /// Whether `other` is a clone of this handle (the same policy, changed
+    /// together).
+    pub(crate) fn same_as(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
     pub(crate) fn subscribe(&self, listener: &Arc<dyn PolicyListener>, seen: &Arc<Policy>) {
         let mut listeners = self.shared.listeners.lock();
         let current = self.current();

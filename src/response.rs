@@ -77,6 +77,8 @@ pub(crate) enum Guard {
     Permit(crate::concurrency::Permit),
     /// The load shedder's.
     Shed(crate::shed::Permit),
+    /// Both, for a [`FloodgateLayer`](crate::FloodgateLayer).
+    Floodgate(crate::floodgate::Guard),
 }
 
 impl Guard {
@@ -86,14 +88,17 @@ impl Guard {
         match self {
             Self::Permit(permit) => permit.is_empty(),
             Self::Shed(permit) => permit.is_empty(),
+            Self::Floodgate(guard) => guard.is_empty(),
         }
     }
 
     /// The response head is ready (the load shedder measures latency to it).
     #[inline]
     pub(crate) fn responded(&mut self) {
-        if let Self::Shed(permit) = self {
-            permit.responded();
+        match self {
+            Self::Permit(_) => {}
+            Self::Shed(permit) => permit.responded(),
+            Self::Floodgate(guard) => guard.responded(),
         }
     }
 }

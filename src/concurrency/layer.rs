@@ -8,15 +8,15 @@ use arc_swap::ArcSwap;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use http::HeaderValue;
 use tokio::time::Sleep;
 use tower_layer::Layer;
 
 use super::service::{ConcurrencyCap, GenericConcurrencyCap};
 use crate::clock::Clock;
-use crate::common::{KeyRules, MissingKey, Refusals};
+use crate::common::{Extracted, KeyRules, MissingKey, Refusals};
 use crate::error::{ConcurrencyCapped, OverloadCause, Overloaded, Rejection};
 use crate::gate::Waiter;
-use crate::hash::tenant_hash;
 use crate::inflight::{Admission, Global, Seat, Tenants};
 use crate::key::{Extension, KeyExtractor, TenantKey};
 use crate::observe::{Decision, Event, Hook, LayerKind, Observer, refusal};
@@ -408,11 +408,25 @@ pub(crate) struct Shared<K> {
     observer: Hook,
 }
 
-/// The outcome of `call`.
-pub(crate) enum Admit {
-    Now(Permit),
+/// The outcome of `call`: `P` is what an admitted request holds (a
+/// [`Permit`], or for a [`FloodgateLayer`](crate::FloodgateLayer) the bare
+/// [`Held`] units).
+pub(crate) enum Admit<P = Permit> {
+    Now(P),
     Wait(Box<Ticket>),
     Reject(Rejection),
+}
+
+impl Admit<Held> {
+    /// The same outcome with a permit that returns its units by itself.
+    #[inline]
+    fn with_runtime(self, runtime: &Arc<Runtime>) -> Admit {
+        match self {
+            Self::Now(held) => Admit::Now(Permit::new(runtime, held)),
+            Self::Wait(ticket) => Admit::Wait(ticket),
+            Self::Reject(rejection) => Admit::Reject(rejection),
+        }
+    }
 }
 
 impl<K> Shared<K> {
@@ -421,28 +435,100 @@ impl<K> Shared<K> {
     /// the global cap (if any) is free with nobody waiting. `None`: take
     /// [`Shared::admit`].
     #[inline]
-    pub(crate) fn admit_fast(&self) -> Option<Permit> {
+    pub(crate) fn admit_fast(&self) -> Option<Held> {
         let runtime = &self.runtime;
-        if self.observer.is_set()
-            || runtime.per_tenant.load(Ordering::Acquire)
-            || runtime.blocking.load(Ordering::Acquire)
-        {
+        if self.needs_tenant() {
             return None;
         }
         let Some(cap) = self.config.global_cap else {
-            return Some(Permit::empty());
+            return Some(Held::EMPTY);
         };
         if !runtime.refusals.is_shadow() && runtime.global.try_acquire(cap) {
-            Some(Permit::global(runtime))
+            Some(Held {
+                seat: None,
+                global: true,
+            })
         } else {
             None
         }
+    }
+
+    /// The common case for a tenant whose plan is known (under the same
+    /// policy as this layer's): no observer, no shadow mode, and a unit of
+    /// the tenant's cap (if its plan has one) and of the global cap (if
+    /// any) free, with nobody waiting. `None`: take
+    /// [`admit_with`](Self::admit_with), which decides again (nothing is
+    /// held).
+    #[inline]
+    pub(crate) fn admit_plan(&self, plan: &Plan, hash: u64) -> Option<Held> {
+        let runtime = &self.runtime;
+        if self.observer.is_set() || runtime.refusals.is_shadow() {
+            return None;
+        }
+        let mut held = Held::EMPTY;
+        if let Some(cap) = plan.concurrency_limit() {
+            match runtime.tenants.acquire(hash, cap, false, 0) {
+                Admission::Granted(seat) => held.seat = Some(seat),
+                Admission::Wait(..) | Admission::Full | Admission::NoRoom => return None,
+            }
+        }
+        if let Some(cap) = self.config.global_cap {
+            if !runtime.global.try_acquire(cap) {
+                held.release(runtime);
+                return None;
+            }
+            held.global = true;
+        }
+        Some(held)
+    }
+
+    /// Whether a decision reads the tenant: some plan caps tenants, the
+    /// policy blocks some, or an observer wants to know.
+    #[inline]
+    fn needs_tenant(&self) -> bool {
+        self.observer.is_set()
+            || self.runtime.per_tenant.load(Ordering::Acquire)
+            || self.runtime.blocking.load(Ordering::Acquire)
+    }
+
+    /// How this layer finds tenants.
+    pub(crate) fn key_rules(&self) -> &KeyRules {
+        &self.config.keys
+    }
+
+    /// The runtime the units of a [`Held`] go back to.
+    pub(crate) fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    /// A permit returning `held`'s units when dropped.
+    #[inline]
+    pub(crate) fn permit(&self, held: Held) -> Permit {
+        Permit::new(&self.runtime, held)
     }
 
     pub(crate) fn admit<Req>(&self, req: &Req) -> Admit
     where
         K: KeyExtractor<Req>,
     {
+        if !self.needs_tenant() {
+            return self
+                .admit_global(None, None, Held::EMPTY, false)
+                .with_runtime(&self.runtime);
+        }
+        let extracted = Extracted::from_request(&self.key, req);
+        self.admit_with(&extracted, || self.key.challenge())
+            .with_runtime(&self.runtime)
+    }
+
+    /// Decides for a request whose tenant key was `extracted`; `challenge`
+    /// is the extractor's, for a 401. The units are returned by whoever
+    /// holds the [`Held`], with [`Held::release`].
+    pub(crate) fn admit_with(
+        &self,
+        extracted: &Extracted,
+        challenge: impl FnOnce() -> Option<HeaderValue>,
+    ) -> Admit<Held> {
         let runtime = &self.runtime;
         if !runtime.per_tenant.load(Ordering::Acquire) {
             // No plan caps tenants: only the global cap applies, and the
@@ -450,29 +536,27 @@ impl<K> Shared<K> {
             // make a missing key an error.
             let blocking = runtime.blocking.load(Ordering::Acquire);
             if !blocking && !self.observer.is_set() {
-                return self.admit_global(None, None, Permit::empty(), false);
+                return self.admit_global(None, None, Held::EMPTY, false);
             }
-            let tenant = self
-                .key
-                .extract(req)
-                .ok()
-                .filter(|t| t.len() <= self.config.keys.max_len);
+            let tenant = extracted
+                .key()
+                .filter(|t| t.key.len() <= self.config.keys.max_len);
             if blocking
-                && let Some(tenant) = &tenant
+                && let Some(tenant) = tenant
                 && runtime
                     .policy
                     .load()
-                    .is_blocked_hashed(tenant_hash(tenant.as_bytes()), tenant.as_bytes())
+                    .is_blocked_hashed(tenant.hash, tenant.key.as_bytes())
             {
-                return self.refuse_blocked(tenant);
+                return self.refuse_blocked(tenant.key);
             }
-            return self.admit_global(tenant.as_ref(), None, Permit::empty(), false);
+            return self.admit_global(tenant.map(|t| t.key), None, Held::EMPTY, false);
         }
-        let tenant = match self.config.keys.tenant(&self.key, req) {
+        let tenant = match self.config.keys.resolve(extracted, challenge) {
             Ok(tenant) => tenant,
             Err(rejection) => {
                 return if runtime.refuse(&rejection, &runtime.key_rejected, &self.observer, None) {
-                    Admit::Now(Permit::empty())
+                    Admit::Now(Held::EMPTY)
                 } else {
                     Admit::Reject(rejection)
                 };
@@ -483,21 +567,20 @@ impl<K> Shared<K> {
             Some((max, _)) if !shadow => max,
             _ => 0,
         };
-        let bytes = tenant.as_bytes();
-        let hash = tenant_hash(bytes);
-        let mut permit = Permit::empty();
+        let (key, hash) = (tenant.key, tenant.hash);
+        let mut held = Held::EMPTY;
         let policy = runtime.policy.load();
-        if policy.is_blocked_hashed(hash, bytes) {
-            return self.refuse_blocked(&tenant);
+        if policy.is_blocked_hashed(hash, key.as_bytes()) {
+            return self.refuse_blocked(key);
         }
-        let plan = policy.plan_for_hashed(hash, bytes);
+        let plan = policy.plan_for_hashed(hash, key.as_bytes());
         let mut reported = false;
         if let Some(cap) = plan.concurrency_limit() {
             match runtime.tenants.acquire(hash, cap, shadow, max_queue) {
                 Admission::Granted(seat) => {
-                    permit.hold_tenant(runtime, seat);
+                    held.seat = Some(seat);
                     if shadow && runtime.tenants.in_flight(hash) > cap {
-                        let rejection = capped(&tenant, plan, cap, false);
+                        let rejection = capped(key, plan, cap, false);
                         runtime.refuse(&rejection, &runtime.tenant_capped, &self.observer, None);
                         reported = true;
                     }
@@ -506,53 +589,54 @@ impl<K> Shared<K> {
                     return Admit::Wait(Box::new(Ticket {
                         runtime: Arc::clone(runtime),
                         seat: Some(seat),
-                        permit,
+                        held,
                         stage: Stage::Tenant,
                         waiter: Some(waiter),
                         deadline: Box::pin(tokio::time::sleep(self.queue_wait())),
                         since: runtime.clock.now_nanos(),
-                        tenant: Some(tenant),
+                        tenant: Some(key.clone()),
                         plan: Some(plan.clone()),
                         config: self.config,
                         observer: self.observer.clone(),
                     }));
                 }
                 Admission::Full | Admission::NoRoom => {
-                    let rejection = capped(&tenant, plan, cap, false);
+                    let rejection = capped(key, plan, cap, false);
                     return if runtime.refuse(&rejection, &runtime.tenant_capped, &self.observer, None) {
-                        Admit::Now(permit)
+                        Admit::Now(held)
                     } else {
                         Admit::Reject(rejection)
                     };
                 }
             }
         }
-        self.admit_global(Some(&tenant), Some(plan), permit, reported)
+        self.admit_global(Some(key), Some(plan), held, reported)
     }
 
     /// Refuses a blocked tenant (shadow mode lets it through).
     #[cold]
-    fn refuse_blocked(&self, tenant: &TenantKey) -> Admit {
+    fn refuse_blocked(&self, tenant: &TenantKey) -> Admit<Held> {
         let runtime = &self.runtime;
         let rejection = Rejection::Blocked {
             tenant: tenant.clone(),
         };
         if runtime.refuse(&rejection, &runtime.blocked, &self.observer, None) {
-            Admit::Now(Permit::empty())
+            Admit::Now(Held::EMPTY)
         } else {
             Admit::Reject(rejection)
         }
     }
 
-    /// The global cap's part of `admit`. `reported`: a shadow refusal was
-    /// already reported for this request.
+    /// The global cap's part of `admit`, on top of what `held` holds
+    /// already. `reported`: a shadow refusal was already reported for this
+    /// request. A refusal returns `held`'s units.
     fn admit_global(
         &self,
         tenant: Option<&TenantKey>,
         plan: Option<&Plan>,
-        mut permit: Permit,
+        mut held: Held,
         mut reported: bool,
-    ) -> Admit {
+    ) -> Admit<Held> {
         let runtime = &self.runtime;
         let admitted = |reported: bool| {
             if !reported {
@@ -563,7 +647,7 @@ impl<K> Shared<K> {
         };
         let Some(cap) = self.config.global_cap else {
             admitted(reported);
-            return Admit::Now(permit);
+            return Admit::Now(held);
         };
         let shadow = runtime.refusals.is_shadow();
         let max_queue = match self.config.queue {
@@ -572,19 +656,19 @@ impl<K> Shared<K> {
         };
         match runtime.global.acquire(cap, shadow, max_queue) {
             Admission::Granted(_) => {
-                permit.hold_global(runtime);
+                held.global = true;
                 if shadow && runtime.global.in_flight() > cap {
                     let rejection = overloaded(tenant, cap, false, &self.config);
                     runtime.refuse(&rejection, &runtime.global_capped, &self.observer, None);
                     reported = true;
                 }
                 admitted(reported);
-                Admit::Now(permit)
+                Admit::Now(held)
             }
             Admission::Wait(waiter, _) => Admit::Wait(Box::new(Ticket {
                 runtime: Arc::clone(runtime),
                 seat: None,
-                permit,
+                held,
                 stage: Stage::Global,
                 waiter: Some(waiter),
                 deadline: Box::pin(tokio::time::sleep(self.queue_wait())),
@@ -597,8 +681,9 @@ impl<K> Shared<K> {
             Admission::Full | Admission::NoRoom => {
                 let rejection = overloaded(tenant, cap, false, &self.config);
                 if runtime.refuse(&rejection, &runtime.global_capped, &self.observer, None) {
-                    Admit::Now(permit)
+                    Admit::Now(held)
                 } else {
+                    held.release(runtime);
                     Admit::Reject(rejection)
                 }
             }
@@ -627,47 +712,68 @@ fn overloaded(tenant: Option<&TenantKey>, cap: u32, queued: bool, config: &Confi
     }))
 }
 
-/// What a request holds while in flight: a unit of its tenant's count, a
-/// unit of the global count, or both. Dropping it returns them.
-pub(crate) struct Permit {
-    runtime: Option<Arc<Runtime>>,
+/// The units a request holds while in flight: one of its tenant's count,
+/// one of the global count, or both. It does not return them by itself:
+/// whoever keeps it calls [`Held::release`] with the runtime they came
+/// from (a [`Permit`] does, when dropped).
+#[derive(Debug)]
+#[must_use = "the units must be released"]
+pub(crate) struct Held {
     seat: Option<Seat>,
     global: bool,
 }
 
-impl Permit {
-    fn empty() -> Self {
-        Self {
-            runtime: None,
-            seat: None,
-            global: false,
-        }
-    }
-
-    /// A unit of the global count, taken.
-    #[inline]
-    fn global(runtime: &Arc<Runtime>) -> Self {
-        Self {
-            runtime: Some(Arc::clone(runtime)),
-            seat: None,
-            global: true,
-        }
-    }
-
-    fn hold_tenant(&mut self, runtime: &Arc<Runtime>, seat: Seat) {
-        self.runtime.get_or_insert_with(|| Arc::clone(runtime));
-        self.seat = Some(seat);
-    }
-
-    fn hold_global(&mut self, runtime: &Arc<Runtime>) {
-        self.runtime.get_or_insert_with(|| Arc::clone(runtime));
-        self.global = true;
-    }
+impl Held {
+    /// Nothing held.
+    pub(crate) const EMPTY: Self = Self {
+        seat: None,
+        global: false,
+    };
 
     /// Whether it holds nothing.
     #[inline]
     pub(crate) fn is_empty(&self) -> bool {
         self.seat.is_none() && !self.global
+    }
+
+    /// Returns the units to `runtime`, once: it holds nothing afterwards.
+    #[inline]
+    pub(crate) fn release(&mut self, runtime: &Runtime) {
+        if std::mem::take(&mut self.global) {
+            runtime.global.release();
+        }
+        if let Some(seat) = self.seat.take() {
+            runtime.tenants.release(seat);
+        }
+    }
+}
+
+/// What a request holds while in flight, returned when it is dropped.
+pub(crate) struct Permit {
+    runtime: Option<Arc<Runtime>>,
+    held: Held,
+}
+
+impl Permit {
+    #[inline]
+    fn new(runtime: &Arc<Runtime>, held: Held) -> Self {
+        Self {
+            runtime: (!held.is_empty()).then(|| Arc::clone(runtime)),
+            held,
+        }
+    }
+
+    /// Whether it holds nothing.
+    #[inline]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// The units, for a holder that knows the runtime: the permit no longer
+    /// returns them.
+    #[inline]
+    pub(crate) fn into_held(mut self) -> Held {
+        std::mem::replace(&mut self.held, Held::EMPTY)
     }
 }
 
@@ -675,12 +781,7 @@ impl Drop for Permit {
     #[inline]
     fn drop(&mut self) {
         if let Some(runtime) = &self.runtime {
-            if self.global {
-                runtime.global.release();
-            }
-            if let Some(seat) = self.seat {
-                runtime.tenants.release(seat);
-            }
+            self.held.release(runtime);
         }
     }
 }
@@ -688,8 +789,8 @@ impl Drop for Permit {
 impl fmt::Debug for Permit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Permit")
-            .field("tenant", &self.seat.is_some())
-            .field("global", &self.global)
+            .field("tenant", &self.held.seat.is_some())
+            .field("global", &self.held.global)
             .finish()
     }
 }
@@ -706,7 +807,8 @@ pub(crate) struct Ticket {
     runtime: Arc<Runtime>,
     /// The tenant's seat, while waiting for a unit of its count.
     seat: Option<Seat>,
-    permit: Permit,
+    /// The units granted so far.
+    held: Held,
     stage: Stage,
     waiter: Option<Arc<Waiter>>,
     deadline: Pin<Box<Sleep>>,
@@ -734,20 +836,21 @@ impl Ticket {
                     .plan(self.plan.as_ref())
                     .waited(Some(waited))
                 });
-                return Poll::Ready(Ok(std::mem::replace(&mut self.permit, Permit::empty())));
+                let held = std::mem::replace(&mut self.held, Held::EMPTY);
+                return Poll::Ready(Ok(Permit::new(&self.runtime, held)));
             };
             if waiter.register(cx.waker()) {
                 self.waiter = None;
                 match (self.stage, self.seat) {
-                    (Stage::Tenant, Some(seat)) => self.permit.hold_tenant(&self.runtime, seat),
-                    _ => self.permit.hold_global(&self.runtime),
+                    (Stage::Tenant, Some(seat)) => self.held.seat = Some(seat),
+                    _ => self.held.global = true,
                 }
                 if self.stage == Stage::Tenant
                     && let Some(cap) = self.config.global_cap
                 {
                     let max_queue = self.config.queue.map_or(0, |(max, _)| max);
                     match self.runtime.global.acquire(cap, false, max_queue) {
-                        Admission::Granted(_) => self.permit.hold_global(&self.runtime),
+                        Admission::Granted(_) => self.held.global = true,
                         Admission::Wait(waiter, _) => {
                             self.stage = Stage::Global;
                             self.waiter = Some(waiter);
@@ -820,5 +923,6 @@ impl Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         self.withdraw();
+        self.held.release(&self.runtime);
     }
 }

@@ -58,6 +58,6 @@ mod service;
 pub use self::layer::{
     ConcurrencyCapLayer, ConcurrencyStats, DEFAULT_MAX_ACTIVE_TENANTS, GenericConcurrencyCapLayer,
 };
-pub(crate) use self::layer::{Admit, Permit, Shared, Ticket};
+pub(crate) use self::layer::{Admit, Held, Permit, Runtime, Shared, Ticket};
 pub use self::service::{ConcurrencyCap, GenericConcurrencyCap};
 pub use crate::held::{GenericResponseFuture, ResponseFuture};

@@ -83,7 +83,10 @@ where
     #[inline]
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         match self.shared.admit_fast() {
-            Some(permit) => ResponseFuture::call(Guard::Permit(permit), &mut self.inner, req),
+            Some(held) => {
+                let permit = self.shared.permit(held);
+                ResponseFuture::call(Guard::Permit(permit), &mut self.inner, req)
+            }
             None => self.call_slow(req),
         }
     }
@@ -140,6 +143,7 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         if let Some(permit) = self.shared.admit_fast() {
+            let permit = self.shared.permit(permit);
             return GenericResponseFuture::admitted(self.inner.call(req), Guard::Permit(permit));
         }
         match self.shared.admit(&req) {

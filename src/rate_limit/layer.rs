@@ -10,10 +10,11 @@ use tower_layer::Layer;
 use super::service::{GenericRateLimit, RateLimit};
 use crate::cost::{RequestCost, UnitCost};
 use crate::error::{RateLimited, Rejection};
-use crate::hash::tenant_hash;
-use crate::common::{KeyRules, MissingKey, Refusals};
+use crate::common::{Extracted, KeyRules, MissingKey, Refusals, Tenant};
 use crate::key::{Extension, KeyExtractor, TenantKey};
-use crate::limiter::{Allowed, Deferred, Denied, DenyReason, RateLimiter, RateLimiterStats};
+use crate::limiter::{
+    Allowed, Deferred, Denied, DenyReason, PolicySnapshot, RateLimiter, RateLimiterStats,
+};
 use crate::observe::{Decision, Event, Hook, LayerKind, Observer, refusal};
 use crate::policy::{Plan, Policy, PolicyListener};
 use crate::response::ratelimit_value;
@@ -396,7 +397,17 @@ impl<K, C> Shared<K, C> {
         K: KeyExtractor<Req>,
         C: RequestCost<Req>,
     {
-        match self.judge(req) {
+        self.admit_with(req, &Extracted::from_request(&self.key, req))
+    }
+
+    /// Decides for `req`, whose tenant key was already `extracted`.
+    #[inline]
+    pub(crate) fn admit_with<Req>(&self, req: &Req, extracted: &Extracted) -> Admit
+    where
+        K: KeyExtractor<Req>,
+        C: RequestCost<Req>,
+    {
+        match self.judge(req, extracted) {
             Admit::Now(Ok(headers)) => Admit::Now(Ok(headers)),
             Admit::Now(Err(rejection)) => {
                 Admit::Now(refuse(&self.state, &self.limiter, &self.observer, rejection))
@@ -414,13 +425,59 @@ impl<K, C> Shared<K, C> {
         }
     }
 
+    /// The common case, for a tenant whose plan under `snapshot`'s policy
+    /// is known: an in-memory limiter without an observer, out of shadow
+    /// mode, admits the request. `Some` with the admitted response's
+    /// headers; `None`: take [`admit_with`](Self::admit_with), which
+    /// decides again (nothing was charged).
     #[inline]
-    fn judge<Req>(&self, req: &Req) -> Admit
+    pub(crate) fn admit_plan(
+        &self,
+        snapshot: &PolicySnapshot,
+        plan: &Plan,
+        tenant: Tenant<'_>,
+        cost: u32,
+    ) -> Option<Option<Box<SuccessHeaders>>> {
+        if self.observer.is_set() || self.state.refusals.is_shadow() {
+            return None;
+        }
+        let Some(quota) = plan.rate_quota() else {
+            return Some(None);
+        };
+        let allowed = self.limiter.admit_in(snapshot, tenant.hash, cost, quota)?;
+        Some(if self.config.success_headers {
+            headers_for(plan, &allowed)
+        } else {
+            None
+        })
+    }
+
+    /// The cost of `req`, if it can be read.
+    #[inline]
+    pub(crate) fn cost<Req>(&self, req: &Req) -> Option<u32>
+    where
+        C: RequestCost<Req>,
+    {
+        self.cost.cost(req).ok()
+    }
+
+    /// How this layer finds tenants.
+    pub(crate) fn key_rules(&self) -> &KeyRules {
+        &self.config.keys
+    }
+
+    /// The limiter.
+    pub(crate) fn limiter(&self) -> &RateLimiter {
+        &self.limiter
+    }
+
+    #[inline]
+    fn judge<Req>(&self, req: &Req, extracted: &Extracted) -> Admit
     where
         K: KeyExtractor<Req>,
         C: RequestCost<Req>,
     {
-        let tenant = match self.config.keys.tenant(&self.key, req) {
+        let tenant = match self.config.keys.resolve(extracted, || self.key.challenge()) {
             Ok(tenant) => tenant,
             Err(rejection) => return Admit::Now(Err(rejection)),
         };
@@ -428,20 +485,19 @@ impl<K, C> Shared<K, C> {
             Ok(cost) => cost,
             Err(e) => return Admit::Now(Err(Rejection::InvalidCost { reason: e.reason() })),
         };
-        let bytes = tenant.as_bytes();
-        let hash = tenant_hash(bytes);
+        let (key, hash) = (tenant.key, tenant.hash);
         let success_headers = self.config.success_headers;
         if !self.limiter.is_remote() {
             let observer = &self.observer;
-            return Admit::Now(self.limiter.decide(hash, bytes, cost, |plan, result| {
-                verdict(plan, result, success_headers, &tenant, cost, observer)
+            return Admit::Now(self.limiter.decide(hash, key.as_bytes(), cost, |plan, result| {
+                verdict(plan, result, success_headers, key, cost, observer)
             }));
         }
-        let owned = tenant.clone();
+        let owned = key.clone();
         let observer = self.observer.clone();
         match self
             .limiter
-            .decide_deferred(hash, &tenant, cost, move |plan, result| {
+            .decide_deferred(hash, key, cost, move |plan, result| {
                 verdict(plan, result, success_headers, &owned, cost, &observer)
             }) {
             Deferred::Now(verdict) => Admit::Now(verdict),
@@ -474,14 +530,10 @@ fn verdict(
                         .cost(cost)
                 });
             }
-            Ok(match (success_headers, allowed.usage()) {
-                (true, Some(usage)) => plan.rate_policy_header().map(|policy| {
-                    Box::new(SuccessHeaders {
-                        policy: policy.clone(),
-                        limit: ratelimit_value(plan, usage),
-                    })
-                }),
-                _ => None,
+            Ok(if success_headers {
+                headers_for(plan, &allowed)
+            } else {
+                None
             })
         }
         Err(denied) if denied.reason() == DenyReason::Blocked => Err(Rejection::Blocked {
@@ -493,6 +545,17 @@ fn verdict(
             denied,
         ))),
     }
+}
+
+/// `RateLimit-Policy` and `RateLimit` for an admitted request.
+fn headers_for(plan: &Plan, allowed: &Allowed) -> Option<Box<SuccessHeaders>> {
+    let usage = allowed.usage()?;
+    plan.rate_policy_header().map(|policy| {
+        Box::new(SuccessHeaders {
+            policy: policy.clone(),
+            limit: ratelimit_value(plan, usage),
+        })
+    })
 }
 
 /// Counts, logs and reports a refusal; shadow mode admits instead.

@@ -20,7 +20,7 @@ use crate::common::Refusals;
 use crate::error::{OverloadCause, Overloaded, Rejection, ShedReason};
 use crate::gate::{self, Fast, QUEUED, Waiter};
 use crate::concurrency::DEFAULT_MAX_ACTIVE_TENANTS;
-use crate::hash::tenant_hash;
+use crate::common::Extracted;
 use crate::inflight::{Admission, Seat, Tenants};
 use crate::key::{Extension, KeyExtractor, TenantKey};
 use crate::observe::{Decision, Event, Hook, LayerKind, Observer, refusal};
@@ -470,6 +470,11 @@ impl<K, P> LoadShedLayer<K, P> {
         self.shared_with(self.key.clone(), self.priority.clone())
     }
 
+    /// The policy plans and blocks come from.
+    pub(crate) fn policy_handle(&self) -> &PolicyHandle {
+        &self.policy
+    }
+
     /// The priority extractor.
     pub(crate) fn priority_extractor(&self) -> &P {
         &self.priority
@@ -591,10 +596,25 @@ pub(crate) struct Shared<K, P> {
     observer: Hook,
 }
 
-pub(crate) enum Admit {
-    Now(Permit),
+/// The outcome of `call`: `P` is what an admitted request holds (a
+/// [`Permit`], or for a [`FloodgateLayer`](crate::FloodgateLayer) the bare
+/// [`Held`] units).
+pub(crate) enum Admit<P = Permit> {
+    Now(P),
     Wait(Box<Ticket>),
     Reject(Rejection),
+}
+
+impl Admit<Held> {
+    /// The same outcome with a permit that returns its units by itself.
+    #[inline]
+    fn with_runtime(self, runtime: &Arc<Runtime>) -> Admit {
+        match self {
+            Self::Now(held) => Admit::Now(Permit::new(runtime, held)),
+            Self::Wait(ticket) => Admit::Wait(ticket),
+            Self::Reject(rejection) => Admit::Reject(rejection),
+        }
+    }
 }
 
 impl<K, P> Shared<K, P> {
@@ -603,7 +623,7 @@ impl<K, P> Shared<K, P> {
     /// shadow mode, and a unit free below the request's ceiling with nobody
     /// waiting. `None`: take [`Shared::admit`].
     #[inline]
-    pub(crate) fn admit_fast<Req>(&self, req: &Req) -> Option<Permit>
+    pub(crate) fn admit_fast<Req>(&self, req: &Req) -> Option<Held>
     where
         P: PriorityExtractor<Req>,
     {
@@ -622,8 +642,7 @@ impl<K, P> Shared<K, P> {
         let priority = self.priority.priority(req).unwrap_or(Priority::Normal);
         let ceiling = runtime.ceiling(priority, runtime.controller.limit());
         match gate::try_acquire(&runtime.word, ceiling, false) {
-            Fast::Done(_) => Some(Permit {
-                runtime: Some(Arc::clone(runtime)),
+            Fast::Done(_) => Some(Held {
                 seat: None,
                 global: true,
                 started: 0,
@@ -632,9 +651,90 @@ impl<K, P> Shared<K, P> {
         }
     }
 
+    /// The common case for a tenant whose plan is known (under the same
+    /// policy as this layer's): no observer, no shadow mode, fairness not
+    /// in play (less than three quarters of the request's ceiling in use),
+    /// and a unit free below the ceiling with nobody waiting. `None`: take
+    /// [`admit_with`](Self::admit_with), which decides again (nothing is
+    /// held).
+    #[inline]
+    pub(crate) fn admit_plan<Req>(&self, req: &Req, plan: &Plan, hash: u64) -> Option<Held>
+    where
+        P: PriorityExtractor<Req>,
+    {
+        let runtime = &self.runtime;
+        let config = &runtime.config;
+        if self.observer.is_set() || runtime.refusals.is_shadow() {
+            return None;
+        }
+        let priority = match self.priority.priority(req) {
+            Some(priority) => priority,
+            None => plan.request_priority().unwrap_or_default(),
+        };
+        let limit = runtime.controller.limit();
+        let ceiling = runtime.ceiling(priority, limit);
+        let in_flight = runtime.in_flight();
+        runtime.controller.observe_load(in_flight, limit);
+        if config.fairness && u64::from(in_flight) * 4 >= u64::from(ceiling) * 3 {
+            return None;
+        }
+        let started = if runtime.controller.is_adaptive() {
+            runtime.clock.now_nanos()
+        } else {
+            0
+        };
+        let mut held = Held {
+            seat: None,
+            global: false,
+            started,
+        };
+        if config.fairness
+            && let Admission::Granted(seat) = runtime.tenants.acquire(hash, u32::MAX, true, 0)
+        {
+            held.seat = Some(seat);
+        }
+        if let Fast::Done(_) = gate::try_acquire(&runtime.word, ceiling, false) {
+            held.global = true;
+            Some(held)
+        } else {
+            held.release(runtime);
+            None
+        }
+    }
+
+    /// The runtime the units of a [`Held`] go back to.
+    pub(crate) fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    /// A permit returning `held`'s units when dropped.
+    #[inline]
+    pub(crate) fn permit(&self, held: Held) -> Permit {
+        Permit::new(&self.runtime, held)
+    }
+
     pub(crate) fn admit<Req>(&self, req: &Req) -> Admit
     where
         K: KeyExtractor<Req>,
+        P: PriorityExtractor<Req>,
+    {
+        let runtime = &self.runtime;
+        // The tenant is only needed for fairness, plan priorities, blocks
+        // and reports.
+        let needs_tenant = runtime.config.fairness
+            || runtime.plan_priorities.load(Ordering::Acquire)
+            || runtime.blocking.load(Ordering::Acquire)
+            || self.observer.is_set();
+        let extracted = needs_tenant.then(|| Extracted::from_request(&self.key, req));
+        self.admit_with(req, extracted.as_ref())
+            .with_runtime(runtime)
+    }
+
+    /// Decides for `req`, whose tenant key was `extracted` (if it was
+    /// needed). The units are returned by whoever holds the [`Held`], with
+    /// [`Held::release`].
+    pub(crate) fn admit_with<Req>(&self, req: &Req, extracted: Option<&Extracted>) -> Admit<Held>
+    where
         P: PriorityExtractor<Req>,
     {
         let runtime = &self.runtime;
@@ -644,35 +744,32 @@ impl<K, P> Shared<K, P> {
         let now = if timed { runtime.clock.now_nanos() } else { 0 };
         let plan_priorities = runtime.plan_priorities.load(Ordering::Acquire);
         let blocking = runtime.blocking.load(Ordering::Acquire);
-        // The tenant is only needed for fairness, plan priorities, blocks
-        // and reports.
-        let tenant = if config.fairness || plan_priorities || blocking || self.observer.is_set() {
-            self.key.extract(req).ok()
-        } else {
-            None
-        };
-        let hash = tenant.as_ref().map(|t| tenant_hash(t.as_bytes()));
+        let tenant = extracted.and_then(Extracted::key);
         // Whether a shadow refusal was reported already for this request.
         let mut reported = false;
         if blocking
-            && let (Some(tenant), Some(hash)) = (&tenant, hash)
-            && runtime.policy.load().is_blocked_hashed(hash, tenant.as_bytes())
+            && let Some(tenant) = tenant
+            && runtime
+                .policy
+                .load()
+                .is_blocked_hashed(tenant.hash, tenant.key.as_bytes())
         {
             let rejection = Rejection::Blocked {
-                tenant: tenant.clone(),
+                tenant: tenant.key.clone(),
             };
             if !runtime.refuse(&rejection, &runtime.blocked, &self.observer, None) {
                 return Admit::Reject(rejection);
             }
             reported = true;
         }
+        let key = tenant.map(|t| t.key);
         let priority = match self.priority.priority(req) {
             Some(priority) => priority,
-            None => match (&tenant, hash) {
-                (Some(tenant), Some(hash)) if plan_priorities => runtime
+            None => match tenant {
+                Some(tenant) if plan_priorities => runtime
                     .policy
                     .load()
-                    .plan_for_hashed(hash, tenant.as_bytes())
+                    .plan_for_hashed(tenant.hash, tenant.key.as_bytes())
                     .request_priority()
                     .unwrap_or_default(),
                 _ => Priority::Normal,
@@ -681,26 +778,23 @@ impl<K, P> Shared<K, P> {
         let limit = runtime.controller.limit();
         let ceiling = runtime.ceiling(priority, limit);
         let shadow = runtime.refusals.is_shadow();
-        let fp = if config.fairness { hash } else { None };
+        let fp = match tenant {
+            Some(tenant) if config.fairness => Some(tenant.hash),
+            _ => None,
+        };
 
         // Fairness: under pressure, tenants at or above their share wait
         // for the light ones.
         let in_flight = runtime.in_flight();
         runtime.controller.observe_load(in_flight, limit);
-        if config.fairness
-            && let Some(fp) = fp
+        if let Some(fp) = fp
             && u64::from(in_flight) * 4 >= u64::from(ceiling) * 3
         {
             let active = runtime.tenants.active().max(1);
             let share = u64::from(ceiling).div_ceil(active).max(1);
             if u64::from(runtime.tenants.in_flight(fp)) >= share {
-                let rejection = runtime.overloaded(
-                    tenant.as_ref(),
-                    priority,
-                    ShedReason::FairShare,
-                    in_flight,
-                    limit,
-                );
+                let rejection =
+                    runtime.overloaded(key, priority, ShedReason::FairShare, in_flight, limit);
                 if !runtime.refuse(&rejection, &runtime.shed_fair_share, &self.observer, None) {
                     return Admit::Reject(rejection);
                 }
@@ -708,8 +802,7 @@ impl<K, P> Shared<K, P> {
             }
         }
 
-        let mut permit = Permit {
-            runtime: Some(Arc::clone(runtime)),
+        let mut held = Held {
             seat: None,
             global: false,
             started: now,
@@ -718,21 +811,20 @@ impl<K, P> Shared<K, P> {
             && let Admission::Granted(seat) = runtime.tenants.acquire(fp, u32::MAX, true, 0)
         {
             // Counted for fairness only: no cap.
-            permit.seat = Some(seat);
+            held.seat = Some(seat);
         }
 
         let admitted = |reported: bool| {
             if !reported {
-                self.observer.emit(|| {
-                    Event::new(LayerKind::LoadShed, Decision::Admitted, tenant.as_ref())
-                });
+                self.observer
+                    .emit(|| Event::new(LayerKind::LoadShed, Decision::Admitted, key));
             }
         };
         match gate::try_acquire(&runtime.word, ceiling, shadow) {
             Fast::Done(_) => {
-                permit.global = true;
+                held.global = true;
                 admitted(reported);
-                return Admit::Now(permit);
+                return Admit::Now(held);
             }
             Fast::Full if config.queue.is_none() => {}
             Fast::Full | Fast::Slow => {}
@@ -754,9 +846,9 @@ impl<K, P> Shared<K, P> {
                     Ordering::Acquire,
                 ) {
                     Ok(_) => {
-                        permit.global = true;
+                        held.global = true;
                         admitted(reported);
-                        return Admit::Now(permit);
+                        return Admit::Now(held);
                     }
                     Err(actual) => {
                         current = actual;
@@ -766,16 +858,12 @@ impl<K, P> Shared<K, P> {
             }
             if !queueable {
                 drop(queues);
-                let rejection = runtime.overloaded(
-                    tenant.as_ref(),
-                    priority,
-                    ShedReason::Capacity,
-                    count,
-                    limit,
-                );
+                let rejection =
+                    runtime.overloaded(key, priority, ShedReason::Capacity, count, limit);
                 return if runtime.refuse(&rejection, &runtime.shed_capacity, &self.observer, None) {
-                    Admit::Now(permit)
+                    Admit::Now(held)
                 } else {
+                    held.release(runtime);
                     Admit::Reject(rejection)
                 };
             }
@@ -803,27 +891,38 @@ impl<K, P> Shared<K, P> {
         drop(queues);
         Admit::Wait(Box::new(Ticket {
             runtime: Arc::clone(runtime),
-            permit,
+            held,
             priority,
             waiter: Some(waiter),
             since: now,
             deadline: Box::pin(tokio::time::sleep(wait)),
-            tenant,
+            tenant: key.cloned(),
             observer: self.observer.clone(),
         }))
     }
 }
 
-/// What a request holds while in flight: a unit of the in-flight count and
-/// its tenant's count. Dropping it returns them.
-pub(crate) struct Permit {
-    runtime: Option<Arc<Runtime>>,
+/// The units a request holds while in flight: one of the in-flight count
+/// and one of its tenant's count (for fairness). It does not return them by
+/// itself: whoever keeps it calls [`Held::release`] with the runtime they
+/// came from (a [`Permit`] does, when dropped).
+#[derive(Debug)]
+#[must_use = "the units must be released"]
+pub(crate) struct Held {
     seat: Option<Seat>,
     global: bool,
+    /// When the request was admitted, for the adaptive limit.
     started: u64,
 }
 
-impl Permit {
+impl Held {
+    /// Nothing held.
+    pub(crate) const EMPTY: Self = Self {
+        seat: None,
+        global: false,
+        started: 0,
+    };
+
     /// Whether it holds nothing.
     #[inline]
     pub(crate) fn is_empty(&self) -> bool {
@@ -832,14 +931,62 @@ impl Permit {
 
     /// The response is ready: its latency feeds the adaptive limit.
     #[inline]
-    pub(crate) fn responded(&mut self) {
-        if let Some(runtime) = &self.runtime
-            && runtime.controller.is_adaptive()
-        {
+    pub(crate) fn responded(&self, runtime: &Runtime) {
+        if runtime.controller.is_adaptive() {
             runtime
                 .controller
                 .record(self.started, runtime.clock.now_nanos());
         }
+    }
+
+    /// Returns the units to `runtime`, once: it holds nothing afterwards.
+    #[inline]
+    pub(crate) fn release(&mut self, runtime: &Runtime) {
+        if std::mem::take(&mut self.global) {
+            runtime.release();
+        }
+        if let Some(seat) = self.seat.take() {
+            runtime.tenants.release(seat);
+        }
+    }
+}
+
+/// What a request holds while in flight, returned when it is dropped.
+pub(crate) struct Permit {
+    runtime: Option<Arc<Runtime>>,
+    held: Held,
+}
+
+impl Permit {
+    /// Keeps the runtime even when `held` is empty: the response's latency
+    /// still feeds the adaptive limit.
+    #[inline]
+    fn new(runtime: &Arc<Runtime>, held: Held) -> Self {
+        Self {
+            runtime: Some(Arc::clone(runtime)),
+            held,
+        }
+    }
+
+    /// Whether it holds nothing.
+    #[inline]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// The response is ready: its latency feeds the adaptive limit.
+    #[inline]
+    pub(crate) fn responded(&mut self) {
+        if let Some(runtime) = &self.runtime {
+            self.held.responded(runtime);
+        }
+    }
+
+    /// The units, for a holder that knows the runtime: the permit no longer
+    /// returns them.
+    #[inline]
+    pub(crate) fn into_held(mut self) -> Held {
+        std::mem::replace(&mut self.held, Held::EMPTY)
     }
 }
 
@@ -847,12 +994,7 @@ impl Drop for Permit {
     #[inline]
     fn drop(&mut self) {
         if let Some(runtime) = &self.runtime {
-            if self.global {
-                runtime.release();
-            }
-            if let Some(seat) = self.seat {
-                runtime.tenants.release(seat);
-            }
+            self.held.release(runtime);
         }
     }
 }
@@ -860,8 +1002,8 @@ impl Drop for Permit {
 impl fmt::Debug for Permit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Permit")
-            .field("global", &self.global)
-            .field("tenant", &self.seat.is_some())
+            .field("global", &self.held.global)
+            .field("tenant", &self.held.seat.is_some())
             .finish()
     }
 }
@@ -870,7 +1012,8 @@ impl fmt::Debug for Permit {
 /// returns whatever it holds.
 pub(crate) struct Ticket {
     runtime: Arc<Runtime>,
-    permit: Permit,
+    /// The units granted so far (the tenant's, for fairness).
+    held: Held,
     priority: Priority,
     waiter: Option<Arc<Waiter>>,
     since: u64,
@@ -886,12 +1029,12 @@ impl Ticket {
         };
         if waiter.register(cx.waker()) {
             self.waiter = None;
-            self.permit.global = true;
+            self.held.global = true;
             // Latency is measured from here: the wait in this queue is the
             // shedder's own doing, not the service's.
             let now = self.runtime.clock.now_nanos();
             if self.runtime.controller.is_adaptive() {
-                self.permit.started = now;
+                self.held.started = now;
             }
             self.observer.emit(|| {
                 Event::new(LayerKind::LoadShed, Decision::Admitted, self.tenant.as_ref())
@@ -923,15 +1066,8 @@ impl Ticket {
     }
 
     fn take_permit(&mut self) -> Permit {
-        std::mem::replace(
-            &mut self.permit,
-            Permit {
-                runtime: None,
-                seat: None,
-                global: false,
-                started: 0,
-            },
-        )
+        let held = std::mem::replace(&mut self.held, Held::EMPTY);
+        Permit::new(&self.runtime, held)
     }
 
     fn withdraw(&mut self, timed_out: bool) {
@@ -945,5 +1081,6 @@ impl Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         self.withdraw(false);
+        self.held.release(&self.runtime);
     }
 }

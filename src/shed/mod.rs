@@ -54,7 +54,7 @@ pub mod priority;
 mod service;
 
 pub use self::layer::{GenericLoadShedLayer, LoadShedLayer, ShedStats};
-pub(crate) use self::layer::{Admit, Permit, Shared, Ticket};
+pub(crate) use self::layer::{Admit, Held, Permit, Runtime, Shared, Ticket};
 pub use self::limit::{Aimd, CoDel, Limit};
 pub use self::priority::{Priority, PriorityExtractor};
 pub use self::service::{GenericLoadShed, LoadShed};

@@ -84,7 +84,10 @@ where
     #[inline]
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         match self.shared.admit_fast(&req) {
-            Some(permit) => ResponseFuture::call(Guard::Shed(permit), &mut self.inner, req),
+            Some(held) => {
+                let permit = self.shared.permit(held);
+                ResponseFuture::call(Guard::Shed(permit), &mut self.inner, req)
+            }
             None => self.call_slow(req),
         }
     }
@@ -141,6 +144,7 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         if let Some(permit) = self.shared.admit_fast(&req) {
+            let permit = self.shared.permit(permit);
             return GenericResponseFuture::admitted(self.inner.call(req), Guard::Shed(permit));
         }
         match self.shared.admit(&req) {
