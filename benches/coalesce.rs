@@ -130,7 +130,7 @@ fn layer_bench(c: &mut Criterion) {
                     let svc = tower::ServiceBuilder::new()
                         .layer(CoalesceLayer::new(JoinMode::Next))
                         .service(service_fn(|_: Request<Body>| async {
-                            Ok::<_, Infallible>(Response::new(Body::new(Bytes::from_static(b"ok"))))
+                            Ok::<_, Infallible>(Response::new(axum::body::Body::from("ok")))
                         }));
                     rt.block_on(async move {
                         let start = Instant::now();

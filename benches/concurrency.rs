@@ -23,10 +23,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use axum::body::Body;
 use criterion::{BatchSize, Criterion, Throughput};
 use http::{Request, Response};
-use http_body_util::Empty;
 use support::now;
 use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
 use tower_floodgate::shed::{Limit, LoadShedLayer};
@@ -35,7 +34,7 @@ use tower_floodgate::{ConcurrencyCapLayer, Plan, TenantKey};
 const LIMIT: u32 = 1024;
 
 type Req = Request<()>;
-type Res = Response<Empty<Bytes>>;
+type Res = Response<Body>;
 
 fn request(tenant: &TenantKey) -> Req {
     let mut req = Request::new(());
@@ -44,7 +43,7 @@ fn request(tenant: &TenantKey) -> Req {
 }
 
 async fn hello(_: Req) -> Result<Res, Infallible> {
-    Ok(Response::new(Empty::new()))
+    Ok(Response::new(Body::empty()))
 }
 
 /// One call: wait until ready, call, drop the response (which returns the

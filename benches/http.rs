@@ -524,7 +524,14 @@ fn count_instructions(runtime: &tokio::runtime::Runtime, requests: usize) {
     let mut bare = None;
     let each_layer = std::env::var_os("FLOODGATE_HTTP_EACH_LAYER").is_some();
     let extra = if each_layer { &EACH_LAYER[..] } else { &[] };
+    let only = std::env::var("FLOODGATE_HTTP_ONLY").ok();
     for &config in CONFIGS.iter().chain(extra) {
+        if let Some(only) = &only
+            && config != "bare"
+            && !only.split(',').any(|c| c == config)
+        {
+            continue;
+        }
         let server = Server::start_counted(config);
         // Before the measured requests: zero the counters; after: read them
         // and dump the profile of just those requests.

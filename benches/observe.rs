@@ -16,10 +16,8 @@ use std::convert::Infallible;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
-use bytes::Bytes;
 use criterion::{BatchSize, Criterion, Throughput};
 use http::{HeaderName, HeaderValue, Request, Response};
-use http_body_util::Empty;
 use tower::{Service, ServiceBuilder, service_fn};
 use tower_floodgate::observe::{self, Decision, Event, LayerKind, Observer, TopTenants, Tracing};
 use tower_floodgate::{Quota, RateLimitLayer, RateLimiter, TenantKey, key};
@@ -29,8 +27,8 @@ const TENANTS: usize = 1_000;
 
 type Req = Request<()>;
 
-async fn hello(_: Req) -> Result<Response<Empty<Bytes>>, Infallible> {
-    Ok(Response::new(Empty::new()))
+async fn hello(_: Req) -> Result<Response<axum::body::Body>, Infallible> {
+    Ok(Response::new(axum::body::Body::empty()))
 }
 
 fn nz(n: u32) -> NonZeroU32 {

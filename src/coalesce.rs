@@ -53,7 +53,7 @@ use tower_service::Service;
 
 use crate::key::TenantKey;
 use crate::observe::{Decision, Event, Hook, LayerKind, Observer};
-use crate::response::ResponseBody;
+use crate::response::{BoxedBody, ResponseBody};
 use crate::sync::Mutex;
 
 /// The default limit on buffered request and response bodies.
@@ -466,10 +466,10 @@ where
     K: CoalesceKey + Clone + Send + 'static,
     ReqB: Body<Data = Bytes> + From<Bytes> + Send + 'static,
     ReqB::Error: fmt::Display,
-    ResB: Body<Data = Bytes> + Send + Unpin + 'static,
+    ResB: BoxedBody + Unpin,
     ResB::Error: fmt::Display,
 {
-    type Response = Response<ResponseBody<ResB>>;
+    type Response = Response<ResB>;
     type Error = S::Error;
     type Future = BoxFuture<Result<Self::Response, S::Error>>;
 
@@ -498,7 +498,7 @@ where
             if !fits {
                 stats.bypassed.fetch_add(1, Ordering::Relaxed);
                 report(Decision::Admitted, req.extensions().get::<TenantKey>());
-                return Ok(service.call(req).await?.map(ResponseBody::inner));
+                return service.call(req).await;
             }
             let (parts, body) = req.into_parts();
             let body = match collect(body, max_body).await {
@@ -509,7 +509,7 @@ where
                 stats.bypassed.fetch_add(1, Ordering::Relaxed);
                 report(Decision::Admitted, parts.extensions.get::<TenantKey>());
                 let req = Request::from_parts(parts, ReqB::from(body));
-                return Ok(service.call(req).await?.map(ResponseBody::inner));
+                return service.call(req).await;
             };
             let me = flights.next_id.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = oneshot::channel();
@@ -589,7 +589,8 @@ where
                 Ok(Delivery::Own(own)) => match own.downcast::<(http::response::Parts, Bytes, ResB)>() {
                     Ok(own) => {
                         let (parts, start, rest) = *own;
-                        Ok(Response::from_parts(parts, ResponseBody::prefixed(start, rest)))
+                        let body = ResB::boxed(ResponseBody::prefixed(start, rest));
+                        Ok(Response::from_parts(parts, body))
                     }
                     Err(_) => Ok(problem(
                         StatusCode::INTERNAL_SERVER_ERROR,
@@ -599,7 +600,7 @@ where
                 Ok(Delivery::Alone) => match service {
                     Some(mut service) => {
                         let req = Request::from_parts(own_parts, ReqB::from(body));
-                        Ok(service.call(req).await?.map(ResponseBody::inner))
+                        Ok(service.call(req).await?)
                     }
                     None => Ok(problem(
                         StatusCode::INTERNAL_SERVER_ERROR,
@@ -725,22 +726,22 @@ where
     Ok(buf.freeze())
 }
 
-fn shared_response<B>(buffered: &Buffered) -> Response<ResponseBody<B>> {
-    let mut response = Response::new(ResponseBody::full(buffered.body.clone()));
+fn shared_response<B: BoxedBody>(buffered: &Buffered) -> Response<B> {
+    let mut response = Response::new(B::boxed(ResponseBody::full(buffered.body.clone())));
     *response.status_mut() = buffered.status;
     *response.version_mut() = buffered.version;
     *response.headers_mut() = buffered.headers.clone();
     response
 }
 
-fn problem<B>(status: StatusCode, detail: &str) -> Response<ResponseBody<B>> {
+fn problem<B: BoxedBody>(status: StatusCode, detail: &str) -> Response<B> {
     let body = format!(
         "{{\"type\":\"about:blank\",\"title\":{},\"status\":{},\"detail\":{}}}",
         json(status.canonical_reason().unwrap_or("Error")),
         status.as_u16(),
         json(detail)
     );
-    let mut response = Response::new(ResponseBody::full(Bytes::from(body)));
+    let mut response = Response::new(B::boxed(ResponseBody::full(Bytes::from(body))));
     *response.status_mut() = status;
     response.headers_mut().insert(
         CONTENT_TYPE,

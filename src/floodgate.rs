@@ -25,7 +25,7 @@ use crate::error::Rejection;
 use crate::held::hold;
 use crate::key::KeyExtractor;
 use crate::rate_limit::{self, RateLimitLayer, SuccessHeaders};
-use crate::response::{self, ResponseBody, after_completion, is_grpc, rejection_response};
+use crate::response::{self, BoxedBody, after_completion, is_grpc, rejection_response};
 use crate::shed::priority::FromExtension;
 use crate::shed::{self, LoadShedLayer, PriorityExtractor};
 
@@ -355,12 +355,12 @@ where
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     ReqBody: Send + 'static,
-    ResBody: Send + 'static,
+    ResBody: BoxedBody,
     K: KeyExtractor<Request<ReqBody>> + Send + Sync + 'static,
     C: RequestCost<Request<ReqBody>> + Send + Sync + 'static,
     P: PriorityExtractor<Request<ReqBody>> + Send + Sync + 'static,
 {
-    type Response = Response<Body<ResBody>>;
+    type Response = Response<ResBody>;
     type Error = S::Error;
     type Future = ResponseFuture<S::Future, ResBody, S::Error>;
 
@@ -373,17 +373,41 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let parts = &*self.parts;
         let extracted = Extracted::from_request(&parts.key, &req);
-        let (headers, guard) = match parts.fast(&req, &extracted) {
-            Fast::Admitted(guard, headers) => {
-                return ResponseFuture {
-                    kind: Kind::Admitted {
-                        guard: Some(guard),
-                        headers,
-                        future: self.inner.call(req),
-                    },
-                };
-            }
-            Fast::Shed(guard, headers) => (headers, Some(guard)),
+        match parts.fast(&req, &extracted) {
+            Fast::Admitted(guard, headers) => ResponseFuture {
+                kind: Kind::Admitted {
+                    future: self.inner.call(req),
+                },
+                guard: Some(guard),
+                headers,
+            },
+            other => self.call_slow(req, extracted, other),
+        }
+    }
+}
+
+impl<S, K, C, P> Floodgate<S, K, C, P> {
+    /// What the common case left undecided, decided the usual way.
+    #[inline(never)]
+    fn call_slow<ReqBody, ResBody>(
+        &mut self,
+        req: Request<ReqBody>,
+        extracted: Extracted,
+        fast: Fast,
+    ) -> ResponseFuture<S::Future, ResBody, S::Error>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static,
+        ReqBody: Send + 'static,
+        ResBody: BoxedBody,
+        K: KeyExtractor<Request<ReqBody>> + Send + Sync + 'static,
+        C: RequestCost<Request<ReqBody>> + Send + Sync + 'static,
+        P: PriorityExtractor<Request<ReqBody>> + Send + Sync + 'static,
+    {
+        let parts = &*self.parts;
+        let (headers, guard) = match fast {
+            Fast::Admitted(guard, headers) | Fast::Shed(guard, headers) => (headers, Some(guard)),
             Fast::Cap(headers) => (headers, None),
             Fast::No => match parts.rate.admit_with(&req, &extracted) {
                 rate_limit::Admit::Now(Ok(headers)) => (headers, None),
@@ -395,32 +419,6 @@ where
                 }
             },
         };
-        self.call_slow(req, extracted, headers, guard)
-    }
-}
-
-impl<S, K, C, P> Floodgate<S, K, C, P> {
-    /// The concurrency cap's decision (unless `guard` already holds its
-    /// units) and the shedder's, the usual way.
-    #[inline(never)]
-    fn call_slow<ReqBody, ResBody>(
-        &mut self,
-        req: Request<ReqBody>,
-        extracted: Extracted,
-        headers: Option<Box<SuccessHeaders>>,
-        guard: Option<Guard>,
-    ) -> ResponseFuture<S::Future, ResBody, S::Error>
-    where
-        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Send + 'static,
-        ReqBody: Send + 'static,
-        ResBody: Send + 'static,
-        K: KeyExtractor<Request<ReqBody>> + Send + Sync + 'static,
-        C: Send + Sync + 'static,
-        P: PriorityExtractor<Request<ReqBody>> + Send + Sync + 'static,
-    {
-        let parts = &*self.parts;
         let mut guard = match guard {
             Some(guard) => guard,
             None => match parts.cap::<Request<ReqBody>>(&extracted) {
@@ -443,10 +441,10 @@ impl<S, K, C, P> Floodgate<S, K, C, P> {
         };
         ResponseFuture {
             kind: Kind::Admitted {
-                guard: Some(guard),
-                headers,
                 future: self.inner.call(req),
             },
+            guard: Some(guard),
+            headers,
         }
     }
 
@@ -464,7 +462,7 @@ impl<S, K, C, P> Floodgate<S, K, C, P> {
         S::Future: Send + 'static,
         S::Error: Send + 'static,
         ReqBody: Send + 'static,
-        ResBody: Send + 'static,
+        ResBody: BoxedBody,
         K: KeyExtractor<Request<ReqBody>> + Send + Sync + 'static,
         C: Send + Sync + 'static,
         P: PriorityExtractor<Request<ReqBody>> + Send + Sync + 'static,
@@ -544,6 +542,8 @@ impl<S, K, C, P> Floodgate<S, K, C, P> {
             kind: Kind::Waiting {
                 future: Box::pin(future),
             },
+            guard: None,
+            headers: None,
         }
     }
 }
@@ -551,18 +551,14 @@ impl<S, K, C, P> Floodgate<S, K, C, P> {
 /// The admitted response: the rate limit's headers added, the guard held
 /// by its body until the body is done.
 #[inline]
-fn admitted<B>(
+fn admitted<B: BoxedBody>(
     mut response: Response<B>,
     guard: Option<Guard>,
     headers: Option<Box<SuccessHeaders>>,
-) -> Response<Body<B>> {
+) -> Response<B> {
     add_headers(&mut response, headers);
     hold(response, guard.map(response::Guard::Floodgate))
 }
-
-/// The response body of [`Floodgate`]: the inner body, holding the
-/// request's units of the concurrency cap and the shedder until it is done.
-pub type Body<B> = ResponseBody<B>;
 
 /// The rate limit's headers, if it admitted the request and sends them.
 #[inline]
@@ -572,13 +568,15 @@ fn add_headers<B>(response: &mut Response<B>, headers: Option<Box<SuccessHeaders
     }
 }
 
-type Waiting<B, E> = Pin<Box<dyn Future<Output = Result<Response<Body<B>>, E>> + Send>>;
+type Waiting<B, E> = Pin<Box<dyn Future<Output = Result<Response<B>, E>> + Send>>;
 
 pin_project! {
     /// The response future of [`Floodgate`].
     pub struct ResponseFuture<F, B, E> {
         #[pin]
         kind: Kind<F, B, E>,
+        guard: Option<Guard>,
+        headers: Option<Box<SuccessHeaders>>,
     }
 }
 
@@ -588,16 +586,14 @@ pin_project! {
         Admitted {
             #[pin]
             future: F,
-            guard: Option<Guard>,
-            headers: Option<Box<SuccessHeaders>>,
         },
         Waiting { future: Waiting<B, E> },
         // Boxed: rejections are rare, and a small future is cheap to move.
-        Rejected { response: Option<Box<Response<Body<B>>>> },
+        Rejected { response: Option<Box<Response<B>>> },
     }
 }
 
-impl<F, B, E> ResponseFuture<F, B, E> {
+impl<F, B: BoxedBody, E> ResponseFuture<F, B, E> {
     /// Refused; `headers` are the rate limit's, if it admitted the request.
     #[cold]
     fn rejected<Req>(
@@ -611,6 +607,8 @@ impl<F, B, E> ResponseFuture<F, B, E> {
             kind: Kind::Rejected {
                 response: Some(Box::new(response)),
             },
+            guard: None,
+            headers: None,
         }
     }
 }
@@ -618,17 +616,16 @@ impl<F, B, E> ResponseFuture<F, B, E> {
 impl<F, B, E> Future for ResponseFuture<F, B, E>
 where
     F: Future<Output = Result<Response<B>, E>>,
+    B: BoxedBody,
 {
-    type Output = Result<Response<Body<B>>, E>;
+    type Output = Result<Response<B>, E>;
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().kind.project() {
-            KindProj::Admitted {
-                future,
-                guard,
-                headers,
-            } => {
+        let this = self.project();
+        match this.kind.project() {
+            KindProj::Admitted { future } => {
+                let (guard, headers) = (this.guard, this.headers);
                 let response = ready!(future.poll(cx))?;
                 Poll::Ready(Ok(admitted(response, guard.take(), headers.take())))
             }
@@ -653,3 +650,4 @@ impl<F, B, E> fmt::Debug for ResponseFuture<F, B, E> {
             .finish()
     }
 }
+

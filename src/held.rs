@@ -12,7 +12,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use crate::error::Rejection;
-use crate::response::{Guard, ResponseBody, after_completion, rejection_response};
+use crate::response::{BoxedBody, Guard, ResponseBody, after_completion, rejection_response};
 
 /// A request waiting in one of the layers' queues.
 pub(crate) enum Ticket {
@@ -59,7 +59,7 @@ pin_project! {
     {
         Admitted { #[pin] future: S::Future, guard: Option<Guard> },
         Waiting { waiting: Option<Box<Waiting<S, Req>>> },
-        Rejected { response: Option<Box<Response<ResponseBody<B>>>> },
+        Rejected { response: Option<Box<Response<B>>> },
     }
 }
 
@@ -97,7 +97,7 @@ impl<S: Service<Req>, Req, B> ResponseFuture<S, Req, B> {
         }
     }
 
-    pub(crate) fn rejected(response: Response<ResponseBody<B>>) -> Self {
+    pub(crate) fn rejected(response: Response<B>) -> Self {
         Self {
             kind: Kind::Rejected {
                 response: Some(Box::new(response)),
@@ -109,8 +109,9 @@ impl<S: Service<Req>, Req, B> ResponseFuture<S, Req, B> {
 impl<S, Req, B> Future for ResponseFuture<S, Req, B>
 where
     S: Service<Req, Response = Response<B>>,
+    B: BoxedBody,
 {
-    type Output = Result<Response<ResponseBody<B>>, S::Error>;
+    type Output = Result<Response<B>, S::Error>;
 
     #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -127,26 +128,27 @@ where
 /// The response, its body holding `guard` (if it holds anything) until the
 /// body is done, not just until the handler returns.
 #[inline]
-pub(crate) fn hold<B>(response: Response<B>, guard: Option<Guard>) -> Response<ResponseBody<B>> {
+pub(crate) fn hold<B: BoxedBody>(response: Response<B>, guard: Option<Guard>) -> Response<B> {
     match guard {
         Some(mut guard) if !guard.is_empty() => {
             guard.responded();
-            response.map(|body| ResponseBody::guarded(body, guard))
+            response.map(|body| B::boxed(ResponseBody::guarded(body, guard)))
         }
-        _ => response.map(ResponseBody::inner),
+        _ => response,
     }
 }
 
 impl<S, Req, B> ResponseFuture<S, Req, B>
 where
     S: Service<Req, Response = Response<B>>,
+    B: BoxedBody,
 {
     /// Waiting in a queue, or refused.
     #[inline(never)]
     fn poll_slow(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Result<Response<ResponseBody<B>>, S::Error>> {
+    ) -> Poll<Result<Response<B>, S::Error>> {
         loop {
             let mut kind = self.as_mut().project().kind;
             match kind.as_mut().project() {

@@ -35,6 +35,7 @@ use bytes::Bytes;
 use http::header::{CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderMap, HeaderName, HeaderValue, Response};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::{BoxBody, UnsyncBoxBody};
 use pin_project_lite::pin_project;
 
 use crate::error::{RateLimited, Rejection};
@@ -56,13 +57,80 @@ const QUOTA_EXCEEDED: &str = "https://iana.org/assignments/http-problem-types#qu
 const REDUCED_CAPACITY: &str =
     "https://iana.org/assignments/http-problem-types#temporary-reduced-capacity";
 
+/// A response body type that can carry any other body: the body type the
+/// HTTP layers answer with.
+///
+/// The layers hand back the inner service's own body type, so they change
+/// no types in a stack. A refused request needs a body of the layer's own
+/// (the problem document), and the concurrency cap and the shedder keep a
+/// request's permit in its body until the body is sent. Both take a body
+/// type that can hold another body, which is what this trait says.
+///
+/// It is implemented for axum's `Body` (feature `axum`), tonic's `Body`
+/// (feature `tonic`), and http-body-util's [`BoxBody`] and
+/// [`UnsyncBoxBody`]. Box any other body type first, with
+/// [`BodyExt::boxed_unsync`](http_body_util::BodyExt::boxed_unsync).
+///
+/// Keeping the type also spares an allocation: axum boxes a route's body
+/// once more whenever a layer changes its type.
+///
+/// ```
+/// use bytes::Bytes;
+/// use http_body_util::{BodyExt, Full};
+/// use tower_floodgate::response::BoxedBody;
+///
+/// fn takes<B: BoxedBody>(_: B) {}
+/// // A concrete body, boxed once before the layers.
+/// takes(Full::new(Bytes::from("hi")).boxed_unsync());
+/// ```
+///
+/// [`BoxBody`]: http_body_util::combinators::BoxBody
+/// [`UnsyncBoxBody`]: http_body_util::combinators::UnsyncBoxBody
+pub trait BoxedBody: Body<Data = Bytes> + Sized + Send + 'static {
+    /// `body` (a body of this type wrapped by a layer, or a layer's own
+    /// body) as this type.
+    fn boxed(body: ResponseBody<Self>) -> Self;
+}
+
+#[cfg(feature = "axum")]
+impl BoxedBody for axum::body::Body {
+    #[inline]
+    fn boxed(body: ResponseBody<Self>) -> Self {
+        // Boxed with axum's own error type, which `Body::new` takes as it
+        // is instead of wrapping it once more.
+        Self::new(UnsyncBoxBody::new(body))
+    }
+}
+
+#[cfg(feature = "tonic")]
+impl BoxedBody for tonic::body::Body {
+    #[inline]
+    fn boxed(body: ResponseBody<Self>) -> Self {
+        Self::new(UnsyncBoxBody::new(body))
+    }
+}
+
+impl<E: 'static> BoxedBody for UnsyncBoxBody<Bytes, E> {
+    #[inline]
+    fn boxed(body: ResponseBody<Self>) -> Self {
+        Self::new(body)
+    }
+}
+
+impl<E: 'static> BoxedBody for BoxBody<Bytes, E> {
+    #[inline]
+    fn boxed(body: ResponseBody<Self>) -> Self {
+        Self::new(body)
+    }
+}
+
 pin_project! {
-    /// The response body of the HTTP layers: the inner service's body, or the
-    /// body of a rejection.
+    /// A layer's body around the inner service's body, or a layer's own body
+    /// (a refusal's), handed to [`BoxedBody::boxed`].
     ///
-    /// The concurrency and shedding layers keep the request's permit in the
-    /// body: it is returned when the body has sent its last frame, fails, or
-    /// is dropped (the client went away), not when the handler returns.
+    /// The concurrency and shedding layers keep the request's permit in it:
+    /// it is returned when the body has sent its last frame, fails, or is
+    /// dropped (the client went away), not when the handler returns.
     pub struct ResponseBody<B> {
         #[pin]
         kind: Kind<B>,
@@ -115,13 +183,6 @@ pin_project! {
 }
 
 impl<B> ResponseBody<B> {
-    pub(crate) fn inner(body: B) -> Self {
-        Self {
-            kind: Kind::Inner { body },
-            guard: None,
-        }
-    }
-
     pub(crate) fn guarded(body: B, guard: Guard) -> Self {
         Self {
             kind: Kind::Inner { body },
@@ -222,8 +283,8 @@ where
 /// The answer of a response future polled again after it completed: a 500
 /// rather than a panic.
 #[cold]
-pub(crate) fn after_completion<B>() -> Response<ResponseBody<B>> {
-    let mut response = Response::new(ResponseBody::full(Bytes::new()));
+pub(crate) fn after_completion<B: BoxedBody>() -> Response<B> {
+    let mut response = Response::new(B::boxed(ResponseBody::full(Bytes::new())));
     *response.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
     response
 }
@@ -238,14 +299,14 @@ pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
 
 /// The response to a refused request; the rejection goes into its
 /// extensions.
-pub(crate) fn rejection_response<B>(rejection: Rejection, grpc: bool) -> Response<ResponseBody<B>> {
+pub(crate) fn rejection_response<B: BoxedBody>(rejection: Rejection, grpc: bool) -> Response<B> {
     let mut response = if grpc {
         grpc_response(&rejection)
     } else {
         http_response(&rejection)
     };
     response.extensions_mut().insert(rejection);
-    response.map(ResponseBody::full)
+    response.map(|data| B::boxed(ResponseBody::full(data)))
 }
 
 pub(crate) fn http_response(rejection: &Rejection) -> Response<Bytes> {

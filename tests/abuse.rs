@@ -42,10 +42,12 @@ impl Stream for Frames {
     }
 }
 
+/// The handler's body, boxed: the layers answer with the inner service's
+/// body type.
+type Out = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+
 /// Where the handler panics, named by the `x-panic` header.
-fn handler(
-    req: Request<()>,
-) -> impl Future<Output = Result<Response<StreamBody<Frames>>, Infallible>> + Send {
+fn handler(req: Request<()>) -> impl Future<Output = Result<Response<Out>, Infallible>> + Send {
     let mode = req
         .headers()
         .get(PANIC)
@@ -58,10 +60,13 @@ fn handler(
         if mode == b"future" {
             panic!("the handler's future panics");
         }
-        Ok(Response::new(StreamBody::new(Frames {
-            sent: false,
-            panics: mode == b"body",
-        })))
+        Ok(Response::new(
+            StreamBody::new(Frames {
+                sent: false,
+                panics: mode == b"body",
+            })
+            .boxed_unsync(),
+        ))
     }
 }
 

@@ -109,7 +109,9 @@ async fn the_layers_and_the_heavy_hitter_view_survive_jumps() {
         )
         .layer(shed.clone())
         .service(service_fn(|_: Request<()>| async {
-            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+            Ok::<_, Infallible>(Response::new(
+                Full::new(Bytes::from_static(b"ok")).boxed_unsync(),
+            ))
         }));
     let request = || {
         Request::builder()

@@ -20,6 +20,14 @@ use tower_floodgate::coalesce::{CoalesceLayer, JoinMode};
 
 type Body = Full<Bytes>;
 
+/// The handlers' response body: boxed, as the layers answer with the inner
+/// service's body type.
+type Out = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+
+fn out(data: Bytes) -> Out {
+    Full::new(data).boxed_unsync()
+}
+
 /// An inner service taking 100 ms, that records when each call started
 /// and answers with the call's number.
 #[derive(Clone, Default)]
@@ -31,7 +39,7 @@ impl Recorder {
     fn service(
         &self,
         body_len: usize,
-    ) -> impl Service<Request<Body>, Response = Response<Body>, Error = Infallible, Future: Send>
+    ) -> impl Service<Request<Body>, Response = Response<Out>, Error = Infallible, Future: Send>
     + Clone
     + Send
     + 'static {
@@ -47,7 +55,7 @@ impl Recorder {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 let mut body = format!("call {n}").into_bytes();
                 body.resize(body_len.max(body.len()), b'.');
-                let mut res = Response::new(Body::new(Bytes::from(body)));
+                let mut res = Response::new(out(Bytes::from(body)));
                 res.headers_mut().insert("x-call", n.into());
                 Ok::<_, Infallible>(res)
             }
@@ -69,7 +77,7 @@ fn request(method: Method, tenant: &str, body: &str) -> Request<Body> {
     req
 }
 
-async fn read(res: Response<tower_floodgate::response::ResponseBody<Body>>) -> (StatusCode, Bytes) {
+async fn read(res: Response<Out>) -> (StatusCode, Bytes) {
     let status = res.status();
     (
         status,
@@ -257,7 +265,7 @@ async fn a_panicking_or_failing_call_errors_every_waiter_and_leaves_no_entry() {
                 if n == 0 {
                     panic!("handler bug");
                 }
-                Ok(Response::new(Body::new(Bytes::from_static(b"fine"))))
+                Ok(Response::new(out(Bytes::from_static(b"fine"))))
             }
         })
     };

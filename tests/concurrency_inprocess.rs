@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderName, Request, Response, StatusCode};
-use http_body_util::{BodyExt, StreamBody};
+use http_body_util::{BodyExt, Full, StreamBody};
 use tokio::sync::{Notify, Semaphore};
 use tower::{Service, ServiceExt, service_fn};
 use tower_floodgate::{ConcurrencyCapLayer, Plan, Policy, Rejection, key};
@@ -32,21 +32,27 @@ fn id_of(req: &Request<String>) -> usize {
         .unwrap_or(usize::MAX)
 }
 
-type Body = http_body_util::Full<Bytes>;
+/// The handlers' response body: boxed, as the layers answer with the inner
+/// service's body type.
+type Out = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+
+fn out(data: Bytes) -> Out {
+    Full::new(data).boxed_unsync()
+}
 
 /// A handler that records the order requests reach it and holds each until
 /// the test adds a permit to `release`.
 fn gated(
     order: Arc<Mutex<Vec<usize>>>,
     release: Arc<Semaphore>,
-) -> impl Service<Request<String>, Response = Response<Body>, Error = Infallible, Future: Send> + Clone
+) -> impl Service<Request<String>, Response = Response<Out>, Error = Infallible, Future: Send> + Clone
 {
     service_fn(move |req: Request<String>| {
         let (order, release) = (Arc::clone(&order), Arc::clone(&release));
         async move {
             order.lock().expect("lock").push(id_of(&req));
             release.acquire().await.expect("open").forget();
-            Ok::<_, Infallible>(Response::new(Body::new(Bytes::from_static(b"done"))))
+            Ok::<_, Infallible>(Response::new(out(Bytes::from_static(b"done"))))
         }
     })
 }
@@ -54,11 +60,7 @@ fn gated(
 /// Sends `req` and reads the whole response, releasing its permit.
 async fn exchange<S>(svc: S, req: Request<String>) -> StatusCode
 where
-    S: Service<
-            Request<String>,
-            Response = Response<tower_floodgate::response::ResponseBody<Body>>,
-            Error = Infallible,
-        >,
+    S: Service<Request<String>, Response = Response<Out>, Error = Infallible>,
 {
     let res = svc.oneshot(req).await.expect("infallible");
     let status = res.status();
@@ -210,7 +212,7 @@ async fn cancelling_anywhere_returns_every_permit() {
             let id = id_of(&req) as u64;
             tokio::time::sleep(Duration::from_millis(id % 7)).await;
             let chunks = futures_chunks(id);
-            Ok::<_, Infallible>(Response::new(StreamBody::new(chunks)))
+            Ok::<_, Infallible>(Response::new(StreamBody::new(chunks).boxed_unsync()))
         }));
 
     let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);

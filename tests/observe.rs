@@ -448,7 +448,7 @@ async fn a_flood_of_100_000_refusals_logs_a_bounded_number_of_lines() {
     let mut svc = tower::ServiceBuilder::new()
         .layer(layer)
         .service(tower::service_fn(|_: http::Request<String>| async {
-            Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+            Ok::<_, std::convert::Infallible>(http::Response::new(axum::body::Body::empty()))
         }));
     let request = || {
         http::Request::builder()

@@ -704,7 +704,7 @@ async fn the_combined_layer_waits_for_redis_then_caps_and_sheds() {
     let svc = ServiceBuilder::new()
         .layer(FloodgateLayer::new(key::header(TENANT), &rate, &cap, &shed))
         .service(tower::service_fn(|_req: Request<()>| async {
-            Ok::<_, std::convert::Infallible>(http::Response::new(String::from("ok")))
+            Ok::<_, std::convert::Infallible>(http::Response::new(axum::body::Body::from("ok")))
         }));
     let mut statuses = Vec::new();
     for _ in 0..3 {

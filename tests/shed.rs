@@ -18,7 +18,13 @@ use tower::{Service, ServiceExt, service_fn};
 use tower_floodgate::shed::{CoDel, Limit, LoadShedLayer, priority};
 use tower_floodgate::{Clock, Priority, TenantKey, key};
 
-type Body = Full<Bytes>;
+/// The handlers' response body: boxed, as the layers answer with the inner
+/// service's body type.
+type Out = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+
+fn out(data: Bytes) -> Out {
+    Full::new(data).boxed_unsync()
+}
 
 fn request(tenant: &str, priority: Priority) -> Request<()> {
     let mut req = Request::new(());
@@ -30,13 +36,12 @@ fn request(tenant: &str, priority: Priority) -> Request<()> {
 /// A service whose requests each wait for a permit of `gate`.
 fn held(
     gate: Arc<Semaphore>,
-) -> impl Service<Request<()>, Response = Response<Body>, Error = Infallible, Future: Send> + Clone
-{
+) -> impl Service<Request<()>, Response = Response<Out>, Error = Infallible, Future: Send> + Clone {
     service_fn(move |_req: Request<()>| {
         let gate = Arc::clone(&gate);
         async move {
             gate.acquire().await.expect("open").forget();
-            Ok::<_, Infallible>(Response::new(Body::new(Bytes::from_static(b"ok"))))
+            Ok::<_, Infallible>(Response::new(out(Bytes::from_static(b"ok"))))
         }
     })
 }
@@ -45,13 +50,7 @@ fn held(
 /// lets it finish.
 async fn start<S>(svc: &S, req: Request<()>) -> tokio::task::JoinHandle<StatusCode>
 where
-    S: Service<
-            Request<()>,
-            Response = Response<tower_floodgate::response::ResponseBody<Body>>,
-            Error = Infallible,
-        > + Clone
-        + Send
-        + 'static,
+    S: Service<Request<()>, Response = Response<Out>, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send,
 {
     let svc = svc.clone();
@@ -67,11 +66,7 @@ where
 
 async fn status_of<S>(svc: &S, req: Request<()>) -> StatusCode
 where
-    S: Service<
-            Request<()>,
-            Response = Response<tower_floodgate::response::ResponseBody<Body>>,
-            Error = Infallible,
-        > + Clone,
+    S: Service<Request<()>, Response = Response<Out>, Error = Infallible> + Clone,
 {
     svc.clone().oneshot(req).await.expect("infallible").status()
 }
@@ -192,7 +187,7 @@ async fn the_queue_serves_higher_priorities_first_and_codel_cuts_waits() {
                 let p = req.extensions().get::<Priority>().copied();
                 order.lock().expect("lock").push(p);
                 gate.acquire().await.expect("open").forget();
-                Ok::<_, Infallible>(Response::new(Body::new(Bytes::new())))
+                Ok::<_, Infallible>(Response::new(out(Bytes::new())))
             }
         })
     };
@@ -299,7 +294,7 @@ async fn cancelling_anywhere_returns_everything() {
                 .get::<TenantKey>()
                 .map_or(0, |t| t.len() as u64);
             tokio::time::sleep(Duration::from_millis(1 + n % 5)).await;
-            Ok::<_, Infallible>(Response::new(Body::new(Bytes::from_static(b"ok"))))
+            Ok::<_, Infallible>(Response::new(out(Bytes::from_static(b"ok"))))
         }));
     let mut seed = 0x2545_f491_4f6c_dd1d_u64;
     let mut next = move |n: u64| {
@@ -360,7 +355,7 @@ async fn overload_backend(shed: Option<LoadShedLayer>) -> (Vec<Duration>, usize)
         async move {
             let _slot = capacity.acquire().await.expect("open");
             tokio::time::sleep(Duration::from_millis(10)).await;
-            Ok::<_, Infallible>(Response::new(Body::new(Bytes::new())))
+            Ok::<_, Infallible>(Response::new(out(Bytes::new())))
         }
     });
     let svc = tower::util::BoxCloneService::new(match shed {
@@ -371,7 +366,7 @@ async fn overload_backend(shed: Option<LoadShedLayer>) -> (Vec<Duration>, usize)
                 .map_response(|r| r.map(|b| b.boxed_unsync())),
         ),
         None => tower::util::BoxCloneService::new(
-            backend.map_response(|r: Response<Body>| r.map(|b| b.boxed_unsync())),
+            backend.map_response(|r: Response<Out>| r.map(|b| b.boxed_unsync())),
         ),
     });
     let started = tokio::time::Instant::now();

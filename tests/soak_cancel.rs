@@ -68,10 +68,13 @@ impl http_body::Body for Slow {
 }
 
 /// 0 to 3 ms in the handler, by path.
-async fn handler(req: Request<Full<Bytes>>) -> Result<Response<Slow>, Infallible> {
+/// The layers answer with the inner service's body type: boxed.
+type Out = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+
+async fn handler(req: Request<Full<Bytes>>) -> Result<Response<Out>, Infallible> {
     let ms = req.uri().path().len() as u64 % 4;
     tokio::time::sleep(Duration::from_millis(ms)).await;
-    Ok(Response::new(Slow::new()))
+    Ok(Response::new(Slow::new().boxed_unsync()))
 }
 
 /// A small xorshift generator: the same points on every run.
@@ -125,7 +128,6 @@ async fn soak(combined: bool) {
             .layer(FloodgateLayer::new(key::header(TENANT), &rate, &cap, &shed))
             .layer(coalesce.clone())
             .service(service_fn(handler))
-            .map_response(|r| r.map(BodyExt::boxed_unsync))
             .boxed_clone()
     } else {
         ServiceBuilder::new()
@@ -134,7 +136,6 @@ async fn soak(combined: bool) {
             .layer(shed.clone())
             .layer(coalesce.clone())
             .service(service_fn(handler))
-            .map_response(|r| r.map(BodyExt::boxed_unsync))
             .boxed_clone()
     };
 

@@ -13,7 +13,7 @@ use std::num::NonZeroU32;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
 use tower_floodgate::observe::TopTenants;
 use tower_floodgate::shed::{Limit, LoadShedLayer};
@@ -67,7 +67,9 @@ async fn ten_million_distinct_keys_stay_under_the_caps() {
         .layer(cap.clone())
         .layer(shed.clone())
         .service(service_fn(|_: Request<()>| async {
-            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+            Ok::<_, Infallible>(Response::new(
+                Full::new(Bytes::from_static(b"ok")).boxed_unsync(),
+            ))
         }));
 
     // Warm up with the first keys so that the fixed-size tables exist.

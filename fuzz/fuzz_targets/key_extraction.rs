@@ -103,17 +103,20 @@ impl<B> KeyExtractor<Request<B>> for AnyKey {
 #[derive(Clone)]
 struct Ok200;
 
+/// The layers answer with the inner service's body type, boxed.
+type Body = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, std::convert::Infallible>;
+
 impl Service<Request<String>> for Ok200 {
-    type Response = Response<String>;
+    type Response = Response<Body>;
     type Error = std::convert::Infallible;
-    type Future = std::future::Ready<Result<Response<String>, Self::Error>>;
+    type Future = std::future::Ready<Result<Response<Body>, Self::Error>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, _: Request<String>) -> Self::Future {
-        std::future::ready(Ok(Response::new(String::new())))
+        std::future::ready(Ok(Response::new(Body::default())))
     }
 }
 

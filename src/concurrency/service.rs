@@ -8,7 +8,7 @@ use tower_service::Service;
 use super::layer::{Admit, Shared};
 use crate::held::{GenericResponseFuture, ResponseFuture, Ticket};
 use crate::key::KeyExtractor;
-use crate::response::{Guard, ResponseBody, is_grpc, rejection_response};
+use crate::response::{BoxedBody, Guard, is_grpc, rejection_response};
 
 /// The constructor, accessors, `Clone` and `Debug` shared by both services.
 macro_rules! service_common {
@@ -69,9 +69,10 @@ pub struct ConcurrencyCap<S, K> {
 impl<S, K, ReqBody, ResBody> Service<Request<ReqBody>> for ConcurrencyCap<S, K>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    ResBody: BoxedBody,
     K: KeyExtractor<Request<ReqBody>>,
 {
-    type Response = Response<ResponseBody<ResBody>>;
+    type Response = Response<ResBody>;
     type Error = S::Error;
     type Future = ResponseFuture<S, Request<ReqBody>, ResBody>;
 
@@ -101,6 +102,7 @@ impl<S, K> ConcurrencyCap<S, K> {
     ) -> ResponseFuture<S, Request<ReqBody>, ResBody>
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+        ResBody: BoxedBody,
         K: KeyExtractor<Request<ReqBody>>,
     {
         match self.shared.admit(&req) {

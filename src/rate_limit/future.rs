@@ -11,7 +11,7 @@ use tower_service::Service;
 
 use super::layer::{SuccessHeaders, Verdict};
 use crate::error::Rejection;
-use crate::response::{ResponseBody, after_completion, rejection_response};
+use crate::response::{BoxedBody, after_completion, rejection_response};
 
 /// A request waiting for the store's verdict, with the service made ready
 /// for it.
@@ -43,7 +43,7 @@ pin_project! {
         // Boxed: only a remote store defers.
         Deciding { deciding: Option<Box<Deciding<S, Req>>> },
         // Boxed: rejections are rare, and a small future is cheap to move.
-        Rejected { response: Option<Box<Response<ResponseBody<B>>>> },
+        Rejected { response: Option<Box<Response<B>>> },
     }
 }
 
@@ -72,7 +72,7 @@ impl<S: Service<Req>, Req, B> ResponseFuture<S, Req, B> {
         }
     }
 
-    pub(super) fn rejected(response: Response<ResponseBody<B>>) -> Self {
+    pub(super) fn rejected(response: Response<B>) -> Self {
         Self {
             kind: Kind::Rejected {
                 response: Some(Box::new(response)),
@@ -84,8 +84,9 @@ impl<S: Service<Req>, Req, B> ResponseFuture<S, Req, B> {
 impl<S, Req, B> Future for ResponseFuture<S, Req, B>
 where
     S: Service<Req, Response = Response<B>>,
+    B: BoxedBody,
 {
-    type Output = Result<Response<ResponseBody<B>>, S::Error>;
+    type Output = Result<Response<B>, S::Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
@@ -96,7 +97,7 @@ where
                     if let Some(extra) = headers.take() {
                         extra.add_to(response.headers_mut());
                     }
-                    return Poll::Ready(Ok(response.map(ResponseBody::inner)));
+                    return Poll::Ready(Ok(response));
                 }
                 KindProj::Deciding { deciding } => {
                     let Some(wait) = deciding.as_mut() else {

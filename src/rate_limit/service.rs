@@ -9,7 +9,7 @@ use super::future::{GenericResponseFuture, ResponseFuture};
 use super::layer::{Admit, Shared};
 use crate::cost::RequestCost;
 use crate::key::KeyExtractor;
-use crate::response::{ResponseBody, is_grpc, rejection_response};
+use crate::response::{BoxedBody, is_grpc, rejection_response};
 
 /// The constructor, accessors, `Clone` and `Debug` shared by both services.
 macro_rules! service_common {
@@ -70,10 +70,11 @@ pub struct RateLimit<S, K, C> {
 impl<S, K, C, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S, K, C>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    ResBody: BoxedBody,
     K: KeyExtractor<Request<ReqBody>>,
     C: RequestCost<Request<ReqBody>>,
 {
-    type Response = Response<ResponseBody<ResBody>>;
+    type Response = Response<ResBody>;
     type Error = S::Error;
     type Future = ResponseFuture<S, Request<ReqBody>, ResBody>;
 

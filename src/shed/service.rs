@@ -9,7 +9,7 @@ use super::layer::{Admit, Shared};
 use super::priority::PriorityExtractor;
 use crate::held::{GenericResponseFuture, ResponseFuture, Ticket};
 use crate::key::KeyExtractor;
-use crate::response::{Guard, ResponseBody, is_grpc, rejection_response};
+use crate::response::{BoxedBody, Guard, is_grpc, rejection_response};
 
 /// The constructor, accessors, `Clone` and `Debug` shared by both services.
 macro_rules! service_common {
@@ -69,10 +69,11 @@ pub struct LoadShed<S, K, P> {
 impl<S, K, P, ReqBody, ResBody> Service<Request<ReqBody>> for LoadShed<S, K, P>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    ResBody: BoxedBody,
     K: KeyExtractor<Request<ReqBody>>,
     P: PriorityExtractor<Request<ReqBody>>,
 {
-    type Response = Response<ResponseBody<ResBody>>;
+    type Response = Response<ResBody>;
     type Error = S::Error;
     type Future = ResponseFuture<S, Request<ReqBody>, ResBody>;
 
@@ -102,6 +103,7 @@ impl<S, K, P> LoadShed<S, K, P> {
     ) -> ResponseFuture<S, Request<ReqBody>, ResBody>
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+        ResBody: BoxedBody,
         K: KeyExtractor<Request<ReqBody>>,
         P: PriorityExtractor<Request<ReqBody>>,
     {
