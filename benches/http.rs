@@ -64,13 +64,14 @@ const CONFIGS: [&str; 5] = [
     "floodgate",
 ];
 /// Single layers, counted under callgrind with `FLOODGATE_HTTP_EACH_LAYER=1`.
-const EACH_LAYER: [&str; 6] = [
+const EACH_LAYER: [&str; 7] = [
     "cap_tenant",
     "cap_global",
     "shed_fixed",
     "shed_fair",
     "noop",
     "noop_body",
+    "floodgate_light",
 ];
 const CONNECTIONS: usize = 64;
 const TENANTS: usize = 16;
@@ -163,6 +164,15 @@ fn router(config: &str) -> Router {
             let rate = RateLimitLayer::new(RateLimiter::builder(policy.clone()).build());
             let cap = ConcurrencyCapLayer::new(policy.clone()).global_limit(1 << 20);
             let shed = LoadShedLayer::new(Limit::fixed(1 << 20)).policy(policy);
+            router.layer(FloodgateLayer::new(key::header(TENANT), &rate, &cap, &shed))
+        }
+        "floodgate_light" => {
+            let policy = PolicyHandle::from(Plan::new("p").rate(quota));
+            let rate = RateLimitLayer::new(RateLimiter::builder(policy.clone()).build());
+            let cap = ConcurrencyCapLayer::new(policy.clone()).global_limit(1 << 20);
+            let shed = LoadShedLayer::new(Limit::fixed(1 << 20))
+                .fairness(false)
+                .policy(policy);
             router.layer(FloodgateLayer::new(key::header(TENANT), &rate, &cap, &shed))
         }
         "cap_tenant" => router.layer(

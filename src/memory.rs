@@ -272,10 +272,13 @@ mod tests {
     fn refused_and_free_requests_are_not_stored() {
         let store = store(100);
         let q = quota(2);
+        let slots = store.slots();
         assert_eq!(check(&store, b"a", 0, 3, &q), Step::Impossible);
         assert!(matches!(check(&store, b"a", 0, 0, &q), Step::Allow { .. }));
         assert_eq!(store.len(), 0);
-        assert_eq!(store.slots(), 0);
+        // Nothing stored, nothing allocated.
+        assert_eq!(store.slots(), slots);
+        assert_eq!(store.evictions(), Evictions::default());
         assert!(matches!(check(&store, b"a", 0, 2, &q), Step::Allow { .. }));
         assert_eq!(store.len(), 1);
         assert_eq!(store.tat(tenant_hash(b"a")), Some(SEC));

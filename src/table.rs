@@ -201,18 +201,24 @@ impl<E: Clone> ShardedTable<E> {
             .div_ceil(3)
             .next_power_of_two()
             .max(MIN_SLOTS);
-        let empty = Arc::new(Table::with_slots(0));
+        // Every shard starts with a small table of its own, so that the
+        // first tenants (a dozen per shard) need no rebuild, and a new
+        // limiter does not churn through a snapshot per first tenant.
+        let tables: Vec<Arc<Table>> = (0..shards)
+            .map(|_| Arc::new(Table::with_slots(MIN_SLOTS)))
+            .collect();
         Self {
             snapshot: ArcSwap::from_pointee(Snapshot {
                 extra,
-                tables: (0..shards).map(|_| Arc::clone(&empty)).collect(),
+                tables: tables.iter().map(Arc::clone).collect(),
                 mask: shards - 1,
             }),
             publish: Mutex::new(()),
-            shards: (0..shards)
-                .map(|_| Shard {
+            shards: tables
+                .into_iter()
+                .map(|table| Shard {
                     state: Mutex::new(ShardState {
-                        table: Arc::clone(&empty),
+                        table,
                         live: 0,
                         evicted_idle: 0,
                         evicted_active: 0,

@@ -29,17 +29,20 @@ pin_project! {
         S: Service<Req>,
     {
         #[pin]
-        kind: Kind<S, Req, B>,
+        pub(super) kind: Kind<S, Req, B>,
+        // Beside the inner future rather than in its variant: a variant
+        // holding only the future is built in place, without a copy.
+        pub(super) headers: Option<Box<SuccessHeaders>>,
     }
 }
 
 pin_project! {
     #[project = KindProj]
-    enum Kind<S, Req, B>
+    pub(super) enum Kind<S, Req, B>
     where
         S: Service<Req>,
     {
-        Admitted { #[pin] future: S::Future, headers: Option<Box<SuccessHeaders>> },
+        Admitted { #[pin] future: S::Future },
         // Boxed: only a remote store defers.
         Deciding { deciding: Option<Box<Deciding<S, Req>>> },
         // Boxed: rejections are rare, and a small future is cheap to move.
@@ -48,12 +51,6 @@ pin_project! {
 }
 
 impl<S: Service<Req>, Req, B> ResponseFuture<S, Req, B> {
-    pub(super) fn admitted(future: S::Future, headers: Option<Box<SuccessHeaders>>) -> Self {
-        Self {
-            kind: Kind::Admitted { future, headers },
-        }
-    }
-
     pub(super) fn deciding(
         verdict: Pin<Box<dyn Future<Output = Verdict> + Send>>,
         service: S,
@@ -69,6 +66,7 @@ impl<S: Service<Req>, Req, B> ResponseFuture<S, Req, B> {
                     grpc,
                 })),
             },
+            headers: None,
         }
     }
 
@@ -77,6 +75,7 @@ impl<S: Service<Req>, Req, B> ResponseFuture<S, Req, B> {
             kind: Kind::Rejected {
                 response: Some(Box::new(response)),
             },
+            headers: None,
         }
     }
 }
@@ -90,11 +89,12 @@ where
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
-            let mut kind = self.as_mut().project().kind;
+            let this = self.as_mut().project();
+            let mut kind = this.kind;
             match kind.as_mut().project() {
-                KindProj::Admitted { future, headers } => {
+                KindProj::Admitted { future } => {
                     let mut response = ready!(future.poll(cx))?;
-                    if let Some(extra) = headers.take() {
+                    if let Some(extra) = this.headers.take() {
                         extra.add_to(response.headers_mut());
                     }
                     return Poll::Ready(Ok(response));
@@ -116,7 +116,8 @@ where
                     match verdict {
                         Ok(headers) => {
                             let future = service.call(request);
-                            kind.set(Kind::Admitted { future, headers });
+                            *this.headers = headers;
+                            kind.set(Kind::Admitted { future });
                         }
                         Err(rejection) => {
                             return Poll::Ready(Ok(rejection_response(rejection, grpc)));

@@ -5,7 +5,7 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower_service::Service;
 
-use super::future::{GenericResponseFuture, ResponseFuture};
+use super::future::{GenericResponseFuture, Kind, ResponseFuture};
 use super::layer::{Admit, Shared};
 use crate::cost::RequestCost;
 use crate::key::KeyExtractor;
@@ -85,7 +85,13 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         match self.shared.admit(&req) {
-            Admit::Now(Ok(headers)) => ResponseFuture::admitted(self.inner.call(req), headers),
+            Admit::Now(Ok(headers)) => {
+                let future = self.inner.call(req);
+                ResponseFuture {
+                    kind: Kind::Admitted { future },
+                    headers,
+                }
+            }
             Admit::Now(Err(rejection)) => {
                 ResponseFuture::rejected(rejection_response(rejection, is_grpc(req.headers())))
             }
