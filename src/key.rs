@@ -451,15 +451,35 @@ pub fn header(name: HeaderName) -> Header {
     Header { name }
 }
 
+/// Up to this many distinct header names, a request's headers are scanned
+/// for the tenant header: comparing a few names costs less than hashing one
+/// for the lookup.
+const SCAN_HEADERS: usize = 12;
+
 impl<B> KeyExtractor<http::Request<B>> for Header {
+    #[inline]
     fn extract(&self, req: &http::Request<B>) -> Result<TenantKey, KeyError> {
-        let mut values = req.headers().get_all(&self.name).iter();
-        let value = values.next().ok_or(KeyError::Missing)?;
-        if values.next().is_some() {
-            return Err(KeyError::Invalid(
-                "the tenant header appears more than once",
-            ));
-        }
+        const TWICE: KeyError = KeyError::Invalid("the tenant header appears more than once");
+        let headers = req.headers();
+        let value = if headers.keys_len() <= SCAN_HEADERS {
+            let mut found = None;
+            for (name, value) in headers {
+                if *name == self.name {
+                    if found.is_some() {
+                        return Err(TWICE);
+                    }
+                    found = Some(value);
+                }
+            }
+            found.ok_or(KeyError::Missing)?
+        } else {
+            let mut values = headers.get_all(&self.name).iter();
+            let value = values.next().ok_or(KeyError::Missing)?;
+            if values.next().is_some() {
+                return Err(TWICE);
+            }
+            value
+        };
         non_empty(TenantKey::from(value))
     }
 }
@@ -723,6 +743,23 @@ mod tests {
         assert_eq!(key.to_string(), "evil\\r\\nlevel=ERROR \\xff\\\\");
         let secret = TenantKey::from("sk_live_123").sensitive();
         assert!(!format!("{secret:?}").contains("sk_live"));
+    }
+
+    #[test]
+    fn header_extractor_with_many_headers_looks_the_name_up() {
+        let h = header(HeaderName::from_static("x-tenant"));
+        let mut req = req_with("x-tenant", &["acme"]);
+        for i in 0..2 * SCAN_HEADERS {
+            let name = HeaderName::try_from(format!("x-other-{i}"))
+                .unwrap_or_else(|e| unreachable!("{e}"));
+            req.headers_mut().insert(name, HeaderValue::from_static("v"));
+        }
+        assert_eq!(h.extract(&req), Ok(TenantKey::from("acme")));
+        req.headers_mut()
+            .append("x-tenant", HeaderValue::from_static("evil"));
+        assert!(matches!(h.extract(&req), Err(KeyError::Invalid(_))));
+        req.headers_mut().remove("x-tenant");
+        assert_eq!(h.extract(&req), Err(KeyError::Missing));
     }
 
     #[test]
