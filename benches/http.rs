@@ -278,6 +278,10 @@ impl Server {
                 .arg(format!("--callgrind-out-file={out}"))
                 .arg(exe);
             c
+        } else if std::env::var_os("FLOODGATE_HTTP_PIN").is_some() {
+            let mut c = Command::new("taskset");
+            c.args(["-c", "1"]).arg(exe);
+            c
         } else {
             Command::new(exe)
         };
