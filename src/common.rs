@@ -1,6 +1,7 @@
 //! What every layer does the same way: finding the tenant, shadow mode,
 //! and logging refusals without letting a flood flood the logs.
 
+use std::cell::OnceCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use http::{HeaderValue, StatusCode};
@@ -46,11 +47,11 @@ impl Default for KeyRules {
 /// A request's tenant key, extracted once, with its hash: what every
 /// decision about the request reads, so that a stack of decisions (one
 /// [`FloodgateLayer`](crate::FloodgateLayer)) finds and hashes the tenant
-/// once.
+/// once. The hash is computed when first asked for, after the length check
+/// of whoever asks: an oversized key is refused before it is hashed.
 pub(crate) struct Extracted {
     key: Result<TenantKey, KeyError>,
-    /// The hash of the key, if there is one.
-    hash: u64,
+    hash: OnceCell<u64>,
 }
 
 impl Extracted {
@@ -60,20 +61,34 @@ impl Extracted {
     where
         K: KeyExtractor<Req>,
     {
-        let key = extractor.extract(req);
-        let hash = key.as_ref().map_or(0, |key| tenant_hash(key.as_bytes()));
-        Self { key, hash }
+        Self {
+            key: extractor.extract(req),
+            hash: OnceCell::new(),
+        }
     }
 
-    /// The key, if the request has a valid one (whatever its length).
+    /// The key and its hash, if the request has a valid key of at most
+    /// `max_len` bytes.
+    #[inline]
+    pub(crate) fn key_within(&self, max_len: usize) -> Option<Tenant<'_>> {
+        match &self.key {
+            Ok(key) if key.len() <= max_len => Some(self.tenant(key)),
+            _ => None,
+        }
+    }
+
+    /// The key and its hash, if the request has a valid key, whatever its
+    /// length.
     #[inline]
     pub(crate) fn key(&self) -> Option<Tenant<'_>> {
-        match &self.key {
-            Ok(key) => Some(Tenant {
-                key,
-                hash: self.hash,
-            }),
-            Err(_) => None,
+        self.key_within(usize::MAX)
+    }
+
+    #[inline]
+    fn tenant<'a>(&'a self, key: &'a TenantKey) -> Tenant<'a> {
+        Tenant {
+            key,
+            hash: *self.hash.get_or_init(|| tenant_hash(key.as_bytes())),
         }
     }
 }
@@ -98,23 +113,20 @@ impl KeyRules {
         extracted: &'a Extracted,
         challenge: impl FnOnce() -> Option<HeaderValue>,
     ) -> Result<Tenant<'a>, Rejection> {
-        let tenant = match &extracted.key {
-            Ok(key) => Tenant {
-                key,
-                hash: extracted.hash,
-            },
-            Err(KeyError::Missing) => self.missing(challenge)?,
+        let key = match &extracted.key {
+            Ok(key) => key,
+            Err(KeyError::Missing) => return self.missing(challenge),
             Err(KeyError::Invalid(reason)) => {
                 return Err(Rejection::InvalidKey { reason });
             }
         };
-        if tenant.key.len() > self.max_len {
+        if key.len() > self.max_len {
             return Err(Rejection::KeyTooLong {
-                len: tenant.key.len(),
+                len: key.len(),
                 max: self.max_len,
             });
         }
-        Ok(tenant)
+        Ok(extracted.tenant(key))
     }
 
     /// The tenant of a request without a key: the anonymous one, or a

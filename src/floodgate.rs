@@ -73,6 +73,13 @@ impl Guard {
     pub(crate) fn responded(&self) {
         self.shed.responded(&self.runtimes.shed);
     }
+
+    /// Takes the shedder's units too (it held none of them).
+    #[inline]
+    fn hold_shed(&mut self, shed: shed::Held) {
+        debug_assert!(self.shed.is_empty(), "the shedder's units taken twice");
+        self.shed = shed;
+    }
 }
 
 impl Drop for Guard {
@@ -276,15 +283,12 @@ impl<K, C, P> Parts<K, C, P> {
         if !self.one_policy {
             return Fast::No;
         }
-        let Some(tenant) = extracted.key() else {
+        let Some(tenant) = extracted.key_within(self.max_key_len) else {
             return Fast::No;
         };
         let Some(cost) = self.rate.cost(req) else {
             return Fast::No;
         };
-        if tenant.key.len() > self.max_key_len {
-            return Fast::No;
-        }
         let snapshot = self.rate.limiter().snapshot();
         let policy = &snapshot.extra;
         if policy.any_blocked() {
@@ -300,7 +304,7 @@ impl<K, C, P> Parts<K, C, P> {
         let mut guard = self.guard(cap);
         match self.shed.admit_plan(req, plan, tenant.hash) {
             Some(shed) => {
-                guard.shed = shed;
+                guard.hold_shed(shed);
                 Fast::Admitted(guard, headers)
             }
             None => Fast::Shed(guard, headers),
@@ -407,7 +411,16 @@ impl<S, K, C, P> Floodgate<S, K, C, P> {
     {
         let parts = &*self.parts;
         let (headers, guard) = match fast {
-            Fast::Admitted(guard, headers) | Fast::Shed(guard, headers) => (headers, Some(guard)),
+            Fast::Admitted(guard, headers) => {
+                return ResponseFuture {
+                    kind: Kind::Admitted {
+                        future: self.inner.call(req),
+                    },
+                    guard: Some(guard),
+                    headers,
+                };
+            }
+            Fast::Shed(guard, headers) => (headers, Some(guard)),
             Fast::Cap(headers) => (headers, None),
             Fast::No => match parts.rate.admit_with(&req, &extracted) {
                 rate_limit::Admit::Now(Ok(headers)) => (headers, None),
@@ -431,14 +444,14 @@ impl<S, K, C, P> Floodgate<S, K, C, P> {
                 }
             },
         };
-        guard.shed = match parts.shed(&req, &extracted) {
-            Step::Now(held) => held,
+        match parts.shed(&req, &extracted) {
+            Step::Now(held) => guard.hold_shed(held),
             Step::Wait(ticket) => {
                 return self.wait(req, extracted, Stage::Shed(ticket, guard, headers));
             }
             // Dropping the guard returns the cap's units.
             Step::Reject(rejection) => return ResponseFuture::rejected(rejection, &req, headers),
-        };
+        }
         ResponseFuture {
             kind: Kind::Admitted {
                 future: self.inner.call(req),
@@ -497,7 +510,7 @@ impl<S, K, C, P> Floodgate<S, K, C, P> {
                                 let step = parts.shed(&req, &extracted);
                                 match step {
                                     Step::Now(held) => {
-                                        guard.shed = held;
+                                        guard.hold_shed(held);
                                         break (guard, headers);
                                     }
                                     Step::Wait(ticket) => Stage::Shed(ticket, guard, headers),
@@ -517,7 +530,7 @@ impl<S, K, C, P> Floodgate<S, K, C, P> {
                         let step = parts.shed(&req, &extracted);
                         match step {
                             Step::Now(held) => {
-                                guard.shed = held;
+                                guard.hold_shed(held);
                                 break (guard, headers);
                             }
                             Step::Wait(ticket) => Stage::Shed(ticket, guard, headers),
@@ -527,7 +540,7 @@ impl<S, K, C, P> Floodgate<S, K, C, P> {
                     Stage::Shed(mut ticket, mut guard, headers) => {
                         match poll_fn(|cx| ticket.poll_permit(cx)).await {
                             Ok(permit) => {
-                                guard.shed = permit.into_held();
+                                guard.hold_shed(permit.into_held());
                                 break (guard, headers);
                             }
                             Err(rejection) => return refuse(rejection, headers),

@@ -538,9 +538,7 @@ impl<K> Shared<K> {
             if !blocking && !self.observer.is_set() {
                 return self.admit_global(None, None, Held::EMPTY, false);
             }
-            let tenant = extracted
-                .key()
-                .filter(|t| t.key.len() <= self.config.keys.max_len);
+            let tenant = extracted.key_within(self.config.keys.max_len);
             if blocking
                 && let Some(tenant) = tenant
                 && runtime
