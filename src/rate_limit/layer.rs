@@ -390,17 +390,8 @@ pub(crate) enum Admit {
 }
 
 impl<K, C> Shared<K, C> {
-    /// Decides for `req`. In shadow mode every request is admitted.
-    #[inline]
-    pub(crate) fn admit<Req>(&self, req: &Req) -> Admit
-    where
-        K: KeyExtractor<Req>,
-        C: RequestCost<Req>,
-    {
-        self.admit_with(req, &Extracted::from_request(&self.key, req))
-    }
-
-    /// Decides for `req`, whose tenant key was already `extracted`.
+    /// Decides for `req`, whose tenant key was already `extracted`. In
+    /// shadow mode every request is admitted.
     #[inline]
     pub(crate) fn admit_with<Req>(&self, req: &Req, extracted: &Extracted) -> Admit
     where
@@ -450,6 +441,40 @@ impl<K, C> Shared<K, C> {
         } else {
             None
         })
+    }
+
+    /// The key of `req`, found once for the fast path and the usual one.
+    #[inline]
+    pub(crate) fn extract<Req>(&self, req: &Req) -> Extracted
+    where
+        K: KeyExtractor<Req>,
+    {
+        Extracted::from_request(&self.key, req)
+    }
+
+    /// The common case of a layer on its own: a valid key within the
+    /// length bound, a readable cost, a tenant that is not blocked, and an
+    /// admission (see [`admit_plan`](Self::admit_plan)). `None`: take
+    /// [`admit_with`](Self::admit_with), which decides again (nothing was
+    /// charged).
+    #[inline]
+    pub(crate) fn admit_fast<Req>(
+        &self,
+        req: &Req,
+        extracted: &Extracted,
+    ) -> Option<Option<Box<SuccessHeaders>>>
+    where
+        C: RequestCost<Req>,
+    {
+        let tenant = extracted.key_within(self.config.keys.max_len)?;
+        let cost = self.cost.cost(req).ok()?;
+        let snapshot = self.limiter.snapshot();
+        let policy = &snapshot.extra;
+        if policy.any_blocked() {
+            return None;
+        }
+        let plan = policy.plan_for_hashed(tenant.hash, tenant.key.as_bytes());
+        self.admit_plan(&snapshot, plan, tenant, cost)
     }
 
     /// The cost of `req`, if it can be read.

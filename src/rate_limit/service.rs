@@ -84,7 +84,12 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        match self.shared.admit(&req) {
+        let extracted = self.shared.extract(&req);
+        let admit = match self.shared.admit_fast(&req, &extracted) {
+            Some(headers) => Admit::Now(Ok(headers)),
+            None => self.shared.admit_with(&req, &extracted),
+        };
+        match admit {
             Admit::Now(Ok(headers)) => {
                 let future = self.inner.call(req);
                 ResponseFuture {
@@ -130,7 +135,11 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        match self.shared.admit(&req) {
+        let extracted = self.shared.extract(&req);
+        if self.shared.admit_fast(&req, &extracted).is_some() {
+            return GenericResponseFuture::admitted(self.inner.call(req));
+        }
+        match self.shared.admit_with(&req, &extracted) {
             Admit::Now(Ok(_)) => GenericResponseFuture::admitted(self.inner.call(req)),
             Admit::Now(Err(rejection)) => GenericResponseFuture::rejected(rejection),
             Admit::Later(verdict) => {
