@@ -1,6 +1,6 @@
-//! The HTTP-level benchmark: an axum hello-world server on 127.0.0.1 in four
+//! The HTTP-level benchmark: an axum hello-world server on 127.0.0.1 in five
 //! configurations, loaded by a hyper client over keep-alive connections,
-//! alternated A B C D A B C D … in one run:
+//! alternated A B C D E A B C D E … in one run:
 //!
 //! * `bare`: the router alone;
 //! * `tower_governor`: tower-governor keyed on a tenant header, with a
@@ -26,10 +26,15 @@
 //! Then, where valgrind is installed, each server once more under
 //! callgrind: instructions per request, which do not vary with the
 //! machine's load as time does. `FLOODGATE_HTTP_CALLGRIND_OUT=DIR` keeps
-//! the profiles for `callgrind_annotate`. `FLOODGATE_HTTP_EACH_LAYER=1`
+//! the profiles for `callgrind_annotate`; `FLOODGATE_HTTP_ONLY=a,b` counts
+//! only those configurations (and bare). `FLOODGATE_HTTP_EACH_LAYER=1`
 //! also counts each of this crate's layers alone (`cap_tenant`,
-//! `cap_global`, `shed_fixed`, `shed_fair`), which shows what a layer costs
-//! in axum whatever it decides.
+//! `cap_global`, `shed_fixed`, `shed_fair`), two layers that decide nothing
+//! (`noop`, `noop_body`: what any layer costs in axum), `FloodgateLayer`
+//! with a global cap and a shedder without fairness (`floodgate_light`),
+//! and the three layers in three `Router::layer` calls
+//! (`full_stack_separate`). `FLOODGATE_HTTP_PIN=1` pins the server to the
+//! second CPU with `taskset`.
 //! Linux only (it reads `/proc`).
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
@@ -64,7 +69,7 @@ const CONFIGS: [&str; 5] = [
     "floodgate",
 ];
 /// Single layers, counted under callgrind with `FLOODGATE_HTTP_EACH_LAYER=1`.
-const EACH_LAYER: [&str; 7] = [
+const EACH_LAYER: [&str; 8] = [
     "cap_tenant",
     "cap_global",
     "shed_fixed",
@@ -72,6 +77,7 @@ const EACH_LAYER: [&str; 7] = [
     "noop",
     "noop_body",
     "floodgate_light",
+    "full_stack_separate",
 ];
 const CONNECTIONS: usize = 64;
 const TENANTS: usize = 16;
@@ -165,6 +171,25 @@ fn router(config: &str) -> Router {
             let cap = ConcurrencyCapLayer::new(policy.clone()).global_limit(1 << 20);
             let shed = LoadShedLayer::new(Limit::fixed(1 << 20)).policy(policy);
             router.layer(FloodgateLayer::new(key::header(TENANT), &rate, &cap, &shed))
+        }
+        "full_stack_separate" => {
+            // The same three layers, one `Router::layer` call each.
+            let policy = PolicyHandle::from(Plan::new("p").rate(quota).concurrency(1 << 20));
+            router
+                .layer(
+                    LoadShedLayer::new(Limit::fixed(1 << 20))
+                        .policy(policy.clone())
+                        .key(key::header(TENANT)),
+                )
+                .layer(
+                    ConcurrencyCapLayer::new(policy.clone())
+                        .global_limit(1 << 20)
+                        .key(key::header(TENANT)),
+                )
+                .layer(
+                    RateLimitLayer::new(RateLimiter::builder(policy).build())
+                        .key(key::header(TENANT)),
+                )
         }
         "floodgate_light" => {
             let policy = PolicyHandle::from(Plan::new("p").rate(quota));

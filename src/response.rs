@@ -25,6 +25,34 @@
 //! rate limits and overload `grpc-retry-pushback-ms` (negative: do not
 //! retry) and `retry-after`, which tonic clients see in [`Status::metadata`].
 //!
+//! # Body types
+//!
+//! The HTTP layers answer with the inner service's own body type, so a
+//! stack of them changes no types: in front of a service answering
+//! `Response<B>`, each answers `Response<B>`. A refusal's body and a body
+//! that keeps a permit until it is sent are boxed into `B`, which must
+//! implement [`BoxedBody`]: axum's and tonic's `Body` and http-body-util's
+//! boxed bodies do. A hyper service with a concrete body type boxes it
+//! first:
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use std::num::NonZeroU32;
+//! use bytes::Bytes;
+//! use http::{HeaderName, Request, Response};
+//! use http_body_util::{BodyExt, Full};
+//! use tower::{service_fn, ServiceBuilder};
+//! use tower_floodgate::{key, Quota, RateLimitLayer, RateLimiter};
+//!
+//! let limiter = RateLimiter::new(Quota::per_second(NonZeroU32::new(100).unwrap()));
+//! let service = ServiceBuilder::new()
+//!     .layer(RateLimitLayer::new(limiter).key(key::header(HeaderName::from_static("x-tenant"))))
+//!     .service(service_fn(|_: Request<()>| async {
+//!         Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("hi")).boxed_unsync()))
+//!     }));
+//! # let _ = service;
+//! ```
+//!
 //! [`Status::metadata`]: https://docs.rs/tonic/latest/tonic/struct.Status.html#method.metadata
 
 use std::pin::Pin;
