@@ -39,6 +39,8 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
+mod support;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -50,17 +52,17 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::routing::get;
 use bytes::Bytes;
-use http::{HeaderName, Request};
+use http::Request;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use support::{GovernorHeaderKey, TENANT};
 use tower_floodgate::shed::{Limit, LoadShedLayer};
 use tower_floodgate::{
     ConcurrencyCapLayer, FloodgateLayer, Plan, PolicyHandle, Quota, RateLimitLayer, RateLimiter,
     key,
 };
 
-const TENANT: HeaderName = HeaderName::from_static("x-tenant");
 const CONFIGS: [&str; 5] = [
     "bare",
     "tower_governor",
@@ -106,22 +108,6 @@ fn main() {
 }
 
 // ─── The server ─────────────────────────────────────────────────────────
-
-/// A tower-governor key: the tenant header.
-#[derive(Clone)]
-struct GovernorHeaderKey;
-
-impl tower_governor::key_extractor::KeyExtractor for GovernorHeaderKey {
-    type Key = String;
-
-    fn extract<T>(&self, req: &Request<T>) -> Result<String, tower_governor::GovernorError> {
-        req.headers()
-            .get(&TENANT)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-            .ok_or(tower_governor::GovernorError::UnableToExtractKey)
-    }
-}
 
 fn router(config: &str) -> Router {
     let router = Router::new().route("/", get(|| async { "Hello, World!" }));

@@ -21,8 +21,9 @@ use std::process::Command;
 use std::convert::Infallible;
 
 use axum::body::Body;
-use http::{HeaderName, Request, Response};
+use http::{Request, Response};
 use http_body_util::BodyExt;
+use support::{GovernorHeaderKey, TENANT};
 use tower::{Service, ServiceBuilder, service_fn};
 use tower_floodgate::shed::{Limit, LoadShedLayer};
 use tower_floodgate::{
@@ -95,25 +96,8 @@ fn child(limiter: &str, workload: &str, decisions: usize) {
     }
 }
 
-const TENANT: HeaderName = HeaderName::from_static("x-tenant");
-
 async fn hello(_: Request<Body>) -> Result<Response<Body>, Infallible> {
     Ok(Response::new(Body::from("Hello, World!")))
-}
-
-#[derive(Clone)]
-struct GovernorHeaderKey;
-
-impl tower_governor::key_extractor::KeyExtractor for GovernorHeaderKey {
-    type Key = String;
-
-    fn extract<T>(&self, req: &Request<T>) -> Result<String, tower_governor::GovernorError> {
-        req.headers()
-            .get(&TENANT)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-            .ok_or(tower_governor::GovernorError::UnableToExtractKey)
-    }
 }
 
 /// One request through `svc`: called, answered, its body read and dropped.

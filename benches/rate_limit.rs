@@ -17,11 +17,10 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use criterion::{BatchSize, Criterion, Throughput};
 use governor::{DefaultKeyedRateLimiter, Quota as GQuota, RateLimiter as GRateLimiter};
-use http::{HeaderName, Request, Response};
+use http::{Request, Response};
+use support::{GovernorHeaderKey, TENANT};
 use tower::{Service, ServiceBuilder, service_fn};
 use tower_floodgate::{Quota, RateLimitLayer, RateLimiter, key};
-
-const TENANT: HeaderName = HeaderName::from_static("x-tenant");
 
 fn nz(n: u32) -> NonZeroU32 {
     NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN)
@@ -204,21 +203,6 @@ fn request(tenant: &str) -> Request<Body> {
 
 async fn hello(_: Request<Body>) -> Result<Response<Body>, Infallible> {
     Ok(Response::new(Body::empty()))
-}
-
-#[derive(Clone)]
-struct GovernorHeaderKey;
-
-impl tower_governor::key_extractor::KeyExtractor for GovernorHeaderKey {
-    type Key = String;
-
-    fn extract<T>(&self, req: &Request<T>) -> Result<String, tower_governor::GovernorError> {
-        req.headers()
-            .get(&TENANT)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-            .ok_or(tower_governor::GovernorError::UnableToExtractKey)
-    }
 }
 
 /// The whole middleware, in process: a bare `service_fn`, tower-governor

@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 use std::future::Future;
+
+use http::{HeaderName, Request};
 use std::path::PathBuf;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
@@ -55,5 +57,24 @@ pub(crate) fn print_named(ours_name: &str, groups: &[&str], others: &[&str]) {
                 );
             }
         }
+    }
+}
+
+/// The tenant header every bench keys on.
+pub(crate) const TENANT: HeaderName = HeaderName::from_static("x-tenant");
+
+/// tower-governor keyed on the tenant header, the way a user writes it.
+#[derive(Clone)]
+pub(crate) struct GovernorHeaderKey;
+
+impl tower_governor::key_extractor::KeyExtractor for GovernorHeaderKey {
+    type Key = String;
+
+    fn extract<T>(&self, req: &Request<T>) -> Result<String, tower_governor::GovernorError> {
+        req.headers()
+            .get(&TENANT)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .ok_or(tower_governor::GovernorError::UnableToExtractKey)
     }
 }
