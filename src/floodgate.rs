@@ -267,6 +267,8 @@ enum Fast {
     /// Admitted by the rate limit and the concurrency cap; the shedder
     /// decides the usual way.
     Shed(Guard, Option<Box<SuccessHeaders>>),
+    /// Refused by the rate limit (counted and logged).
+    Refused(Rejection),
     /// Not the common case: all three decide the usual way.
     No,
 }
@@ -274,9 +276,10 @@ enum Fast {
 impl<K, C, P> Parts<K, C, P> {
     /// The common case, with the plan looked up once for all three
     /// decisions: one policy, an in-memory limiter, a valid key, a tenant
-    /// that is not blocked, no observers and no shadow mode, and every
-    /// decision an admission. Each decision this cannot make at once is
-    /// left to the usual path, which makes it again from the start.
+    /// that is not blocked, no observers and no shadow mode. The rate limit
+    /// decides here (an admission or a refusal); the cap and the shedder
+    /// only admit here, and leave anything else to the usual path, which
+    /// decides again from the start.
     #[inline]
     fn fast<Req>(&self, req: &Req, extracted: &Extracted) -> Fast
     where
@@ -298,8 +301,10 @@ impl<K, C, P> Parts<K, C, P> {
             return Fast::No;
         }
         let plan = policy.plan_for_hashed(tenant.hash, tenant.key.as_bytes());
-        let Some(headers) = self.rate.admit_plan(&snapshot, plan, tenant, cost) else {
-            return Fast::No;
+        let headers = match self.rate.admit_plan(&snapshot, plan, tenant, cost) {
+            Some(Ok(headers)) => headers,
+            Some(Err(rejection)) => return Fast::Refused(rejection),
+            None => return Fast::No,
         };
         let Some(cap) = self.cap.admit_plan(plan, tenant.hash) else {
             return Fast::Cap(headers);
@@ -425,6 +430,7 @@ impl<S, K, C, P> Floodgate<S, K, C, P> {
             }
             Fast::Shed(guard, headers) => (headers, Some(guard)),
             Fast::Cap(headers) => (headers, None),
+            Fast::Refused(rejection) => return ResponseFuture::rejected(rejection, &req, None),
             Fast::No => match parts.rate.admit_with(&req, &extracted) {
                 rate_limit::Admit::Now(Ok(headers)) => (headers, None),
                 rate_limit::Admit::Now(Err(rejection)) => {

@@ -211,29 +211,24 @@ impl RateLimiter {
     }
 
     /// The in-memory decision for a tenant whose plan, under `snapshot`'s
-    /// policy, has `quota`; `Some` only if it admits. A limiter on Redis
-    /// never decides here.
+    /// policy, has `quota`. `None` from a limiter on Redis, which never
+    /// decides here.
     #[inline]
-    pub(crate) fn admit_in(
+    pub(crate) fn decide_in(
         &self,
         snapshot: &PolicySnapshot,
         hash: u64,
         cost: u32,
         quota: &Quota,
-    ) -> Option<Allowed> {
+    ) -> Option<Result<Allowed, Denied>> {
         let inner = &*self.inner;
         #[cfg(feature = "redis")]
         if inner.remote.is_some() {
             return None;
         }
         let now = inner.clock.now_nanos();
-        match inner.store.check(snapshot, hash, now, cost, quota) {
-            (Step::Allow { .. }, tat) => Some(Allowed {
-                usage: Some(Usage::at(tat, now, quota)),
-                fallback: false,
-            }),
-            _ => None,
-        }
+        let (step, tat) = inner.store.check(snapshot, hash, now, cost, quota);
+        Some(outcome(step, tat, now, cost, quota))
     }
 
     /// Decides, at once when the store is in memory (or the deny cache

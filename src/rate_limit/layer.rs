@@ -417,10 +417,11 @@ impl<K, C> Shared<K, C> {
     }
 
     /// The common case, for a tenant whose plan under `snapshot`'s policy
-    /// is known: an in-memory limiter without an observer, out of shadow
-    /// mode, admits the request. `Some` with the admitted response's
-    /// headers; `None`: take [`admit_with`](Self::admit_with), which
-    /// decides again (nothing was charged).
+    /// is known and who is not blocked: an in-memory limiter without an
+    /// observer, out of shadow mode. `Some` with the verdict (a refusal
+    /// counted and logged as [`admit_with`](Self::admit_with) would);
+    /// `None`: take `admit_with`, which decides from the start (nothing was
+    /// charged).
     #[inline]
     pub(crate) fn admit_plan(
         &self,
@@ -428,19 +429,30 @@ impl<K, C> Shared<K, C> {
         plan: &Plan,
         tenant: Tenant<'_>,
         cost: u32,
-    ) -> Option<Option<Box<SuccessHeaders>>> {
+    ) -> Option<Verdict> {
         if self.observer.is_set() || self.state.refusals.is_shadow() {
             return None;
         }
         let Some(quota) = plan.rate_quota() else {
-            return Some(None);
+            return Some(Ok(None));
         };
-        let allowed = self.limiter.admit_in(snapshot, tenant.hash, cost, quota)?;
-        Some(if self.config.success_headers {
-            headers_for(plan, &allowed)
-        } else {
-            None
-        })
+        match self.limiter.decide_in(snapshot, tenant.hash, cost, quota)? {
+            Ok(allowed) => Some(Ok(if self.config.success_headers {
+                headers_for(plan, &allowed)
+            } else {
+                None
+            })),
+            Err(denied) => Some(self.refuse_denied(tenant, plan, denied)),
+        }
+    }
+
+    /// A refusal of the fast path, counted and logged as the usual one.
+    #[cold]
+    #[inline(never)]
+    fn refuse_denied(&self, tenant: Tenant<'_>, plan: &Plan, denied: Denied) -> Verdict {
+        let rejection =
+            Rejection::RateLimited(RateLimited::new(tenant.key.clone(), plan.clone(), denied));
+        refuse(&self.state, &self.limiter, &self.observer, rejection)
     }
 
     /// The key of `req`, found once for the fast path and the usual one.
@@ -453,16 +465,16 @@ impl<K, C> Shared<K, C> {
     }
 
     /// The common case of a layer on its own: a valid key within the
-    /// length bound, a readable cost, a tenant that is not blocked, and an
-    /// admission (see [`admit_plan`](Self::admit_plan)). `None`: take
-    /// [`admit_with`](Self::admit_with), which decides again (nothing was
-    /// charged).
+    /// length bound, a readable cost and a tenant that is not blocked (see
+    /// [`admit_plan`](Self::admit_plan)). `None`: take
+    /// [`admit_with`](Self::admit_with), which decides from the start
+    /// (nothing was charged).
     #[inline]
     pub(crate) fn admit_fast<Req>(
         &self,
         req: &Req,
         extracted: &Extracted,
-    ) -> Option<Option<Box<SuccessHeaders>>>
+    ) -> Option<Verdict>
     where
         C: RequestCost<Req>,
     {

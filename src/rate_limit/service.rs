@@ -86,7 +86,7 @@ where
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let extracted = self.shared.extract(&req);
         let admit = match self.shared.admit_fast(&req, &extracted) {
-            Some(headers) => Admit::Now(Ok(headers)),
+            Some(verdict) => Admit::Now(verdict),
             None => self.shared.admit_with(&req, &extracted),
         };
         match admit {
@@ -136,10 +136,11 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let extracted = self.shared.extract(&req);
-        if self.shared.admit_fast(&req, &extracted).is_some() {
-            return GenericResponseFuture::admitted(self.inner.call(req));
-        }
-        match self.shared.admit_with(&req, &extracted) {
+        let admit = match self.shared.admit_fast(&req, &extracted) {
+            Some(verdict) => Admit::Now(verdict),
+            None => self.shared.admit_with(&req, &extracted),
+        };
+        match admit {
             Admit::Now(Ok(_)) => GenericResponseFuture::admitted(self.inner.call(req)),
             Admit::Now(Err(rejection)) => GenericResponseFuture::rejected(rejection),
             Admit::Later(verdict) => {
