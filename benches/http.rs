@@ -56,7 +56,7 @@ use http::Request;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use support::{GovernorHeaderKey, TENANT};
+use support::{TENANT, governor_config};
 use tower_floodgate::shed::{Limit, LoadShedLayer};
 use tower_floodgate::{
     ConcurrencyCapLayer, FloodgateLayer, Plan, PolicyHandle, Quota, RateLimitLayer, RateLimiter,
@@ -115,15 +115,7 @@ fn router(config: &str) -> Router {
     let quota = Quota::per_second(NonZeroU32::new(1_000_000_000).expect("non-zero"));
     match config {
         "bare" => router,
-        "tower_governor" => {
-            let conf = tower_governor::governor::GovernorConfigBuilder::default()
-                .key_extractor(GovernorHeaderKey)
-                .per_nanosecond(1)
-                .burst_size(u32::MAX)
-                .finish()
-                .expect("a valid tower-governor config");
-            router.layer(tower_governor::GovernorLayer::new(conf))
-        }
+        "tower_governor" => router.layer(tower_governor::GovernorLayer::new(governor_config())),
         "rate_limit" => router.layer(
             RateLimitLayer::new(RateLimiter::builder(quota).build()).key(key::header(TENANT)),
         ),

@@ -23,7 +23,7 @@ use std::convert::Infallible;
 use axum::body::Body;
 use http::{Request, Response};
 use http_body_util::BodyExt;
-use support::{GovernorHeaderKey, TENANT};
+use support::{TENANT, governor_config};
 use tower::{Service, ServiceBuilder, service_fn};
 use tower_floodgate::shed::{Limit, LoadShedLayer};
 use tower_floodgate::{
@@ -154,12 +154,7 @@ fn layer_child(layer: &str, decisions: usize) {
     match layer {
         "bare" => run!(service_fn(hello)),
         "tower_governor" => {
-            let conf = tower_governor::governor::GovernorConfigBuilder::default()
-                .key_extractor(GovernorHeaderKey)
-                .per_nanosecond(1)
-                .burst_size(u32::MAX)
-                .finish()
-                .unwrap();
+            let conf = governor_config();
             run!(
                 ServiceBuilder::new()
                     .layer(tower_governor::GovernorLayer::new(conf))

@@ -18,7 +18,7 @@ use axum::body::Body;
 use criterion::{BatchSize, Criterion, Throughput};
 use governor::{DefaultKeyedRateLimiter, Quota as GQuota, RateLimiter as GRateLimiter};
 use http::{Request, Response};
-use support::{GovernorHeaderKey, TENANT};
+use support::{TENANT, governor_config};
 use tower::{Service, ServiceBuilder, service_fn};
 use tower_floodgate::{Quota, RateLimitLayer, RateLimiter, key};
 
@@ -220,23 +220,16 @@ fn layers(c: &mut Criterion) {
         )
     });
 
-    let conf = tower_governor::governor::GovernorConfigBuilder::default()
-        .key_extractor(GovernorHeaderKey)
-        .per_nanosecond(1)
-        .burst_size(u32::MAX)
-        .finish();
-    if let Some(conf) = conf {
-        let mut governed = ServiceBuilder::new()
-            .layer(tower_governor::GovernorLayer::new(conf))
-            .service(service_fn(hello));
-        group.bench_function("tower_governor", |b| {
-            b.iter_batched(
-                || request("tenant-hot"),
-                |req| support::now(governed.call(req)),
-                BatchSize::SmallInput,
-            )
-        });
-    }
+    let mut governed = ServiceBuilder::new()
+        .layer(tower_governor::GovernorLayer::new(governor_config()))
+        .service(service_fn(hello));
+    group.bench_function("tower_governor", |b| {
+        b.iter_batched(
+            || request("tenant-hot"),
+            |req| support::now(governed.call(req)),
+            BatchSize::SmallInput,
+        )
+    });
 
     let limiter = RateLimiter::new(generous().0);
     let mut ours = ServiceBuilder::new()

@@ -78,3 +78,22 @@ impl tower_governor::key_extractor::KeyExtractor for GovernorHeaderKey {
             .ok_or(tower_governor::GovernorError::UnableToExtractKey)
     }
 }
+
+/// tower-governor's configuration in every bench: keyed on the tenant
+/// header, with a limit no bench reaches (a unit a nanosecond, the largest
+/// burst).
+#[allow(
+    clippy::expect_used,
+    reason = "a fixed configuration, valid by construction"
+)]
+pub(crate) fn governor_config() -> tower_governor::governor::GovernorConfig<
+    GovernorHeaderKey,
+    governor::middleware::NoOpMiddleware<governor::clock::QuantaInstant>,
+> {
+    tower_governor::governor::GovernorConfigBuilder::default()
+        .key_extractor(GovernorHeaderKey)
+        .per_nanosecond(1)
+        .burst_size(u32::MAX)
+        .finish()
+        .expect("a valid tower-governor config")
+}
