@@ -16,10 +16,13 @@
 //! worker; the client another core. Per configuration it reports requests
 //! a second, p50 and p99 latency, and server CPU per request, each as the
 //! median over rounds with its range, and CPU per request as a ratio of
-//! bare's in the same round.
+//! bare's and of tower-governor's in the same round, with a 95% interval
+//! for the median (a bootstrap over the rounds): single rounds differ by
+//! more than a layer costs, so it takes tens of rounds to tell layers
+//! apart.
 //!
 //! ```text
-//! cargo bench --bench http                   # 8 rounds of 40,000 requests
+//! cargo bench --bench http                   # 40 rounds of 40,000 requests
 //! FLOODGATE_HTTP_ROUNDS=4 FLOODGATE_HTTP_REQUESTS=20000 cargo bench --bench http
 //! ```
 //!
@@ -99,7 +102,7 @@ fn main() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(default)
     };
-    let rounds = env("FLOODGATE_HTTP_ROUNDS", if quick { 1 } else { 8 });
+    let rounds = env("FLOODGATE_HTTP_ROUNDS", if quick { 1 } else { 40 });
     let requests = env(
         "FLOODGATE_HTTP_REQUESTS",
         if quick { 2_000 } else { 40_000 },
@@ -440,6 +443,43 @@ fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
     (mid, v[0], v[v.len() - 1])
 }
 
+/// A 95% interval for the median of `v`: the 2.5th and 97.5th percentiles
+/// of the medians of 2,000 resamples of it (a percentile bootstrap). The
+/// seed is fixed, so the same rounds always give the same interval.
+fn median_interval(v: &[f64]) -> (f64, f64) {
+    const RESAMPLES: usize = 2_000;
+    let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+    let mut next = || {
+        // xorshift64*
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    };
+    let mut medians: Vec<f64> = (0..RESAMPLES)
+        .map(|_| {
+            let sample = (0..v.len())
+                .map(|_| v[(next() % v.len() as u64) as usize])
+                .collect();
+            median(sample).0
+        })
+        .collect();
+    medians.sort_by(f64::total_cmp);
+    (
+        medians[RESAMPLES * 25 / 1000],
+        medians[RESAMPLES * 975 / 1000],
+    )
+}
+
+/// `of`'s CPU per request over `to`'s, round by round (both ran in the
+/// same round, one after the other).
+fn paired(of: &[Round], to: &[Round], f: impl Fn(f64, f64) -> f64) -> Vec<f64> {
+    of.iter()
+        .zip(to)
+        .map(|(a, b)| f(a.cpu_per_request, b.cpu_per_request))
+        .collect()
+}
+
 fn run(rounds: usize, requests: usize) {
     let servers: Vec<Server> = CONFIGS.iter().map(|c| Server::start(c)).collect();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -464,8 +504,13 @@ fn run(rounds: usize, requests: usize) {
     }
 
     println!(
-        "\n{:<16} {:>21} {:>18} {:>18} {:>24} {:>22}",
-        "configuration", "requests/s", "p50", "p99", "server CPU/request", "CPU ratio to bare"
+        "\n{:<16} {:>21} {:>11} {:>18} {:>24} {:>30}",
+        "configuration",
+        "requests/s",
+        "p50",
+        "p99",
+        "server CPU/request",
+        "CPU ratio to bare [95% int.]"
     );
     for (i, server) in servers.iter().enumerate() {
         let rs = &results[i];
@@ -473,15 +518,13 @@ fn run(rounds: usize, requests: usize) {
         let (p50, ..) = median(rs.iter().map(|r| r.p50.as_secs_f64() * 1e6).collect());
         let (p99, p99_lo, p99_hi) = median(rs.iter().map(|r| r.p99.as_secs_f64() * 1e6).collect());
         let (cpu, cpu_lo, cpu_hi) = median(rs.iter().map(|r| r.cpu_per_request).collect());
-        // The ratio to bare within each round, then its median and range.
-        let (ratio, ratio_lo, ratio_hi) = median(
-            rs.iter()
-                .zip(&results[0])
-                .map(|(r, bare)| r.cpu_per_request / bare.cpu_per_request)
-                .collect(),
-        );
+        // The ratio to bare within each round, then its median and a 95%
+        // interval for that median.
+        let ratios = paired(rs, &results[0], |a, b| a / b);
+        let (ratio, ..) = median(ratios.clone());
+        let (ratio_lo, ratio_hi) = median_interval(&ratios);
         println!(
-            "{:<16} {:>8.0} ({:>5.0}–{:>5.0}) {:>7.0} µs {:>6.0} µs ({:>4.0}–{:>4.0}) {:>8.0} ns ({:>5.0}–{:>5.0}) {:>6.3} ({:.3}–{:.3})",
+            "{:<16} {:>8.0} ({:>5.0}–{:>5.0}) {:>8.0} µs {:>6.0} µs ({:>4.0}–{:>4.0}) {:>8.0} ns ({:>5.0}–{:>5.0}) {:>14.3} [{:.3}–{:.3}]",
             server.config,
             rps,
             rps_lo,
@@ -498,24 +541,27 @@ fn run(rounds: usize, requests: usize) {
             ratio_hi
         );
     }
-    let ratio_of = |i: usize| {
-        median(
-            results[i]
-                .iter()
-                .zip(&results[0])
-                .map(|(r, bare)| r.cpu_per_request - bare.cpu_per_request)
-                .collect(),
-        )
-        .0
-    };
-    println!(
-        "\nserver CPU added per request over bare (median of rounds): tower_governor {:+.0} ns, \
-         rate_limit {:+.0} ns, full_stack {:+.0} ns, floodgate {:+.0} ns",
-        ratio_of(1),
-        ratio_of(2),
-        ratio_of(3),
-        ratio_of(4)
-    );
+    println!("\nserver CPU added per request over bare, median of rounds [95% interval]:");
+    for i in 1..CONFIGS.len() {
+        let added = paired(&results[i], &results[0], |a, b| a - b);
+        let (lo, hi) = median_interval(&added);
+        println!(
+            "  {:<16} {:+6.0} ns [{lo:+.0}, {hi:+.0}]",
+            CONFIGS[i],
+            median(added).0
+        );
+    }
+    // The target compares the full stack with tower-governor directly.
+    println!("server CPU per request against tower_governor's in the same round [95% interval]:");
+    for i in 2..CONFIGS.len() {
+        let ratios = paired(&results[i], &results[1], |a, b| a / b);
+        let (lo, hi) = median_interval(&ratios);
+        println!(
+            "  {:<16} {:6.3} [{lo:.3}–{hi:.3}]",
+            CONFIGS[i],
+            median(ratios).0
+        );
+    }
     drop(servers);
     count_instructions(&runtime, requests.min(5_000));
 }

@@ -102,8 +102,8 @@ impl Drop for Guard {
 /// [`PolicyHandle`](crate::PolicyHandle) and the limiter is in memory, the
 /// common case (no observer or shadow mode, every decision an admission)
 /// looks the tenant's plan up once for all three. In an axum hello-world
-/// server this costs 39% less a request than the three layers stacked
-/// (2,452 against 4,028 instructions over bare; `BENCHMARKS.md`).
+/// server this costs 41% less a request than the three layers stacked
+/// (2,446 against 4,157 instructions over bare; `BENCHMARKS.md`).
 ///
 /// A request that must wait (for Redis' verdict, in the concurrency cap's
 /// queue or the shedder's) waits in a boxed future, so the inner service,
