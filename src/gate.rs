@@ -103,12 +103,24 @@ pub(crate) enum Locked {
     Queued(Arc<Waiter>),
     /// At the cap with the queue full (or queueing off).
     Full,
+    /// The word is a table seat that another tenant is moving into, or has
+    /// moved into: nothing was taken; find the seat again.
+    Moved,
 }
 
 /// Takes a unit, or queues for one if fewer than `max_queue` wait. Called
 /// with the lock that guards `queue`, on a word that is not frozen.
+///
+/// `owner` is the hash cell of a table seat and the hash it must hold: the
+/// lock guards the seat's queue, not the seat, and a free seat can be taken
+/// over by another tenant (under that tenant's lock) at any moment. The
+/// hash is checked after each load of the word, as on the fast path: a
+/// takeover changes the word (`RESERVED`, a new generation), so a
+/// compare-and-swap on a word loaded before it fails, and a word loaded
+/// after it is seen with `RESERVED` or with the other tenant's hash.
 pub(crate) fn acquire_locked(
     word: &AtomicU64,
+    owner: Option<(&AtomicU64, u64)>,
     cap: u32,
     force: bool,
     queue: &mut VecDeque<Arc<Waiter>>,
@@ -117,6 +129,11 @@ pub(crate) fn acquire_locked(
     let mut current = word.load(Ordering::Acquire);
     loop {
         debug_assert!(current != FROZEN, "a frozen word under the lock");
+        if let Some((hash, fp)) = owner
+            && (current & RESERVED != 0 || hash.load(Ordering::Acquire) != fp)
+        {
+            return Locked::Moved;
+        }
         let in_use = count(current);
         let queued = current & QUEUED != 0;
         if !queued && (in_use < cap || force) && u64::from(in_use) < COUNT {
@@ -280,17 +297,17 @@ mod tests {
         let word = AtomicU64::new(0);
         let mut queue = VecDeque::new();
         assert!(matches!(
-            acquire_locked(&word, 1, false, &mut queue, 2),
+            acquire_locked(&word, None, 1, false, &mut queue, 2),
             Locked::Acquired(0)
         ));
-        let Locked::Queued(first) = acquire_locked(&word, 1, false, &mut queue, 2) else {
+        let Locked::Queued(first) = acquire_locked(&word, None, 1, false, &mut queue, 2) else {
             panic!("should queue")
         };
-        let Locked::Queued(second) = acquire_locked(&word, 1, false, &mut queue, 2) else {
+        let Locked::Queued(second) = acquire_locked(&word, None, 1, false, &mut queue, 2) else {
             panic!("should queue")
         };
         assert!(matches!(
-            acquire_locked(&word, 1, false, &mut queue, 2),
+            acquire_locked(&word, None, 1, false, &mut queue, 2),
             Locked::Full
         ));
         // Queued: the fast paths step aside.
@@ -333,10 +350,11 @@ mod loom_tests {
                 _ => {}
             }
             let mut queue = self.queue.lock();
-            match acquire_locked(&self.word, cap, false, &mut queue, max_queue) {
+            match acquire_locked(&self.word, None, cap, false, &mut queue, max_queue) {
                 Locked::Acquired(_) => None,
                 Locked::Queued(waiter) => Some(waiter),
-                Locked::Full => Some(Arc::new(Waiter::new())),
+                // No owner to move.
+                Locked::Full | Locked::Moved => Some(Arc::new(Waiter::new())),
             }
         }
 

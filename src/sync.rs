@@ -45,3 +45,12 @@ impl<T> Mutex<T> {
         }
     }
 }
+
+/// Lets another thread run (loom's scheduler under loom).
+#[inline]
+pub(crate) fn yield_now() {
+    #[cfg(floodgate_loom)]
+    loom::thread::yield_now();
+    #[cfg(not(floodgate_loom))]
+    std::thread::yield_now();
+}
