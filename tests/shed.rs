@@ -279,6 +279,66 @@ async fn the_queue_serves_higher_priorities_first_and_codel_cuts_waits() {
     assert_eq!(stats.shed_timeout, 3);
 }
 
+/// A sheddable request waiting at its ceiling holds up nobody more
+/// important: a critical and a normal request with room go in at once, and
+/// at the smallest limit (where sheddable traffic has no room at all) the
+/// shedder keeps serving everything else.
+#[tokio::test(start_paused = true)]
+async fn a_waiting_sheddable_request_never_holds_up_more_important_ones() {
+    // Limit 100: sheddable requests may use 45.
+    let shed = LoadShedLayer::new(Limit::fixed(100))
+        .fairness(false)
+        .queue(16, CoDel::default());
+    let gate = Arc::new(Semaphore::new(0));
+    let svc = tower::ServiceBuilder::new()
+        .layer(shed.clone())
+        .service(held(Arc::clone(&gate)));
+    let mut running = Vec::new();
+    for i in 0..50 {
+        running.push(start(&svc, request(&format!("t{i}"), Priority::Normal)).await);
+    }
+    let sheddable = start(&svc, request("s", Priority::Sheddable)).await;
+    assert_eq!((shed.stats().in_flight, shed.stats().waiting), (50, 1));
+    running.push(start(&svc, request("admin", Priority::Critical)).await);
+    running.push(start(&svc, request("u", Priority::Normal)).await);
+    assert_eq!((shed.stats().in_flight, shed.stats().waiting), (52, 1));
+    // As they finish, the sheddable one gets its turn under 45.
+    gate.add_permits(53);
+    for task in running {
+        assert_eq!(task.await.expect("task"), StatusCode::OK);
+    }
+    assert_eq!(sheddable.await.expect("task"), StatusCode::OK);
+
+    // Limit 1: normal requests may use 1 (the reserve rounds down to 0),
+    // sheddable ones none.
+    let shed = LoadShedLayer::new(Limit::fixed(1))
+        .fairness(false)
+        .queue(16, CoDel::default());
+    let gate = Arc::new(Semaphore::new(0));
+    let svc = tower::ServiceBuilder::new()
+        .layer(shed.clone())
+        .service(held(Arc::clone(&gate)));
+    let first = start(&svc, request("a", Priority::Normal)).await;
+    let sheddable = start(&svc, request("s", Priority::Sheddable)).await;
+    gate.add_permits(1);
+    assert_eq!(first.await.expect("task"), StatusCode::OK);
+    // Nothing in flight, a sheddable request waiting: a normal one is
+    // served, not queued behind it.
+    assert_eq!((shed.stats().in_flight, shed.stats().waiting), (0, 1));
+    gate.add_permits(1);
+    assert_eq!(
+        status_of(&svc, request("b", Priority::Normal)).await,
+        StatusCode::OK
+    );
+    assert_eq!(shed.stats().shed_timeout, 0);
+    // The sheddable one is refused at its deadline.
+    assert_eq!(
+        sheddable.await.expect("task"),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!((shed.stats().in_flight, shed.stats().waiting), (0, 0));
+}
+
 /// Requests abandoned at random points (queued, in the handler, mid-body):
 /// every unit comes back.
 #[tokio::test(start_paused = true)]
@@ -342,7 +402,10 @@ async fn cancelling_anywhere_returns_everything() {
         (0, 0, 0),
         "{stats:?}"
     );
-    assert!(ok > 0 && stats.shed_capacity > 0, "{ok} {stats:?}");
+    assert!(
+        ok > 0 && stats.shed_capacity + stats.shed_fair_share > 0,
+        "{ok} {stats:?}"
+    );
 }
 
 /// A backend that serves 4 requests at a time, 10 ms each (400 a second),

@@ -215,43 +215,53 @@ impl Runtime {
     fn release_to_waiter(&self) {
         let granted = {
             let mut queues = self.queues.lock();
-            let now = self.clock.now_nanos();
-            let in_flight = self.in_flight();
+            self.word.fetch_sub(1, Ordering::AcqRel);
+            self.grant_ready(&mut queues)
+        };
+        wake(granted);
+    }
+
+    /// Lets waiters go for as long as there is room for them under their
+    /// priority's ceiling, the most important first and, within a
+    /// priority, the oldest first; drops the queued flag once nobody waits.
+    /// Called with the queues' lock, under which nobody else changes the
+    /// count while anybody waits (the flag sends everybody to the lock).
+    /// Returns the waiters let go, to be woken once the lock is released.
+    ///
+    /// A waiter of a low priority that has no room therefore never holds
+    /// up a more important request that has: a sheddable request waiting
+    /// at its ceiling does not make a critical one wait too. And room that
+    /// appears without a release (the adaptive limit grows) goes to the
+    /// waiters at the next release or arrival.
+    fn grant_ready(&self, queues: &mut Queues) -> Vec<Arc<Waiter>> {
+        let mut granted = Vec::new();
+        if queues.len() > 0 {
             let limit = self.controller.limit();
-            let mut granted = None;
+            let mut now = None;
+            let Queues { by_priority, codel } = queues;
             for priority in [Priority::Critical, Priority::Normal, Priority::Sheddable] {
-                // The waiter takes over the unit: in flight stays the same,
-                // which must be within its priority's ceiling.
-                if in_flight > self.ceiling(priority, limit) {
-                    continue;
-                }
-                let queue = &mut queues.by_priority[priority.index()];
-                while let Some(queued) = queue.pop_front() {
+                let ceiling = self.ceiling(priority, limit);
+                let queue = &mut by_priority[priority.index()];
+                while self.in_flight() < ceiling {
+                    let Some(queued) = queue.pop_front() else {
+                        break;
+                    };
                     if !queued.waiter.try_grant() {
                         continue;
                     }
-                    let waited = now.saturating_sub(queued.since);
-                    if let Some((_, codel)) = &self.config.queue {
-                        queues.codel.left(codel, waited, now);
+                    self.word.fetch_add(1, Ordering::AcqRel);
+                    let now = *now.get_or_insert_with(|| self.clock.now_nanos());
+                    if let Some((_, config)) = &self.config.queue {
+                        codel.left(config, now.saturating_sub(queued.since), now);
                     }
-                    granted = Some(queued.waiter);
-                    break;
-                }
-                if granted.is_some() {
-                    break;
+                    granted.push(queued.waiter);
                 }
             }
-            if queues.len() == 0 {
-                self.word.fetch_and(!QUEUED, Ordering::AcqRel);
-            }
-            if granted.is_none() {
-                self.word.fetch_sub(1, Ordering::AcqRel);
-            }
-            granted
-        };
-        if let Some(waiter) = granted {
-            waiter.wake();
         }
+        if queues.len() == 0 {
+            self.word.fetch_and(!QUEUED, Ordering::AcqRel);
+        }
+        granted
     }
 
     /// Withdraws a waiter that waited since `since` (a timeout, when
@@ -829,8 +839,15 @@ impl<K, P> Shared<K, P> {
             Fast::Full if config.queue.is_none() => {}
             Fast::Full | Fast::Slow => {}
         }
-        // Full, or others wait: queue if allowed, else refuse.
+        // Full, or others wait: queue if allowed, else refuse. Whoever was
+        // woken is woken once the lock is released (declared first, so
+        // dropped last).
+        let mut granted = Wake::default();
         let mut queues = runtime.queues.lock();
+        // Waiters that have room go first; then whoever still waits is
+        // either less important than this request (and has no room) or at
+        // least as important (and then this one has no room either).
+        granted.0 = runtime.grant_ready(&mut queues);
         let queueable = config.queue.is_some_and(|(max, _)| queues.len() < max)
             && !(priority == Priority::Sheddable && queues.codel.overloaded())
             && !shadow;
@@ -838,7 +855,7 @@ impl<K, P> Shared<K, P> {
         loop {
             let count = gate::count(current);
             let queued = current & QUEUED != 0;
-            if !queued && (count < ceiling || shadow) {
+            if count < ceiling || shadow {
                 match runtime.word.compare_exchange(
                     current,
                     current + 1,
@@ -899,6 +916,22 @@ impl<K, P> Shared<K, P> {
             tenant: key.cloned(),
             observer: self.observer.clone(),
         }))
+    }
+}
+
+/// Waiters let go under the lock, woken when dropped (after it).
+#[derive(Default)]
+struct Wake(Vec<Arc<Waiter>>);
+
+impl Drop for Wake {
+    fn drop(&mut self) {
+        wake(std::mem::take(&mut self.0));
+    }
+}
+
+fn wake(waiters: Vec<Arc<Waiter>>) {
+    for waiter in waiters {
+        waiter.wake();
     }
 }
 
