@@ -429,15 +429,22 @@ pub struct PolicyBuilder {
 
 impl PolicyBuilder {
     /// Adds (or replaces) the tier `plan`, which tenants can be
-    /// [assigned](Self::assign) to by its name.
+    /// [assigned](Self::assign) to by its name. The default plan is a tier
+    /// too: a plan with its name replaces the default plan.
     pub fn tier(mut self, plan: Plan) -> Self {
+        if plan.name() == self.default.name() {
+            self.default = plan;
+            return self;
+        }
         self.tiers.retain(|p| p.name() != plan.name());
         self.tiers.push(plan);
         self
     }
 
-    /// Replaces the default plan.
+    /// Replaces the default plan (and the tier of its name, if there is
+    /// one).
     pub fn default_plan(mut self, plan: Plan) -> Self {
+        self.tiers.retain(|p| p.name() != plan.name());
         self.default = plan;
         self
     }
@@ -807,6 +814,35 @@ mod tests {
             handle.current().plan_for("b").rate_quota(),
             Some(&per_sec(5))
         );
+    }
+
+    #[test]
+    fn a_tier_named_like_the_default_plan_replaces_it() {
+        let handle = PolicyHandle::new(
+            Policy::builder(Plan::new("free").rate(per_sec(100)))
+                .assign("a", "free")
+                .build()
+                .unwrap_or_else(|e| unreachable!("{e}")),
+        );
+        // The way an operator throttles the free tier during a flood.
+        handle
+            .update(|p| p.tier(Plan::new("free").rate(per_sec(1))))
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        let now = handle.current();
+        // Tenants on it by default, and by assignment.
+        assert_eq!(now.plan_for("x").rate_quota(), Some(&per_sec(1)));
+        assert_eq!(now.plan_for("a").rate_quota(), Some(&per_sec(1)));
+        assert_eq!(now.default_plan().rate_quota(), Some(&per_sec(1)));
+        assert_eq!(now.tier("free").and_then(Plan::rate_quota), Some(&per_sec(1)));
+        // And the other way round: a new default plan replaces the tier of
+        // its name.
+        let policy = Policy::builder(Plan::new("free").rate(per_sec(100)))
+            .tier(Plan::new("pro").rate(per_sec(50)))
+            .default_plan(Plan::new("pro").rate(per_sec(7)))
+            .build()
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(policy.plan_for("x").rate_quota(), Some(&per_sec(7)));
+        assert_eq!(policy.tier("pro").and_then(Plan::rate_quota), Some(&per_sec(7)));
     }
 
     #[test]
