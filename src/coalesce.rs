@@ -1,9 +1,12 @@
 //! Request coalescing ("singleflight") for HTTP services.
 //!
 //! [`CoalesceLayer`] lets identical requests share one call to the inner
-//! service. Requests are identical when their key is: by default the tenant
-//! (a [`TenantKey`] extension, if any), the method, the URI and the body.
-//! Two modes:
+//! service. Requests are identical when their key is: by default the
+//! tenant, the method, the URI and the body. The tenant is what the layer's
+//! [`tenant`](CoalesceLayer::tenant) extractor finds (the same one the rate
+//! limit uses, say), or else a [`TenantKey`] request extension put there by
+//! an earlier layer; a request without a tenant is never coalesced, so no
+//! response is ever shared between tenants. Two modes:
 //!
 //! * [`JoinMode::InFlight`], for reads: a request joins a call already
 //!   running.
@@ -27,11 +30,14 @@
 //!
 //! ```
 //! use axum::{routing::post, Router};
+//! use http::HeaderName;
 //! use tower_floodgate::coalesce::{CoalesceLayer, JoinMode};
+//! use tower_floodgate::key;
 //!
+//! let tenant = key::header(HeaderName::from_static("x-tenant-id"));
 //! let app: Router = Router::new()
 //!     .route("/v1/purge", post(|body: String| async move { format!("purged {body}") }))
-//!     .layer(CoalesceLayer::new(JoinMode::Next));
+//!     .layer(CoalesceLayer::new(JoinMode::Next).tenant(tenant));
 //! ```
 
 use std::any::Any;
@@ -51,7 +57,7 @@ use tokio::sync::oneshot;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::key::TenantKey;
+use crate::key::{KeyExtractor, TenantKey};
 use crate::observe::{Decision, Event, Hook, LayerKind, Observer};
 use crate::response::{BoxedBody, ResponseBody};
 use crate::sync::Mutex;
@@ -75,16 +81,16 @@ pub trait CoalesceKey {
     fn key(&self, parts: &http::request::Parts, body: &Bytes) -> Option<Vec<u8>>;
 }
 
-/// Tenant, method, URI and body. The default.
+/// Tenant, method, URI and body. The default. The tenant is the request's
+/// [`TenantKey`] extension (which the layer's
+/// [`tenant`](CoalesceLayer::tenant) extractor puts there); a request
+/// without one is not coalesced.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DefaultKey;
 
 impl CoalesceKey for DefaultKey {
     fn key(&self, parts: &http::request::Parts, body: &Bytes) -> Option<Vec<u8>> {
-        let tenant = parts
-            .extensions
-            .get::<TenantKey>()
-            .map_or(&[][..], TenantKey::as_bytes);
+        let tenant = parts.extensions.get::<TenantKey>()?.as_bytes();
         let uri = parts.uri.to_string();
         let method = parts.method.as_str();
         let mut key = Vec::with_capacity(tenant.len() + method.len() + uri.len() + body.len() + 24);
@@ -93,6 +99,35 @@ impl CoalesceKey for DefaultKey {
             key.extend_from_slice(field);
         }
         Some(key)
+    }
+}
+
+/// Where [`CoalesceLayer`] finds a request's tenant, which it stores as the
+/// request's [`TenantKey`] extension before the key is taken.
+pub trait TenantSource<Req> {
+    /// The tenant of `req`, to store; `None` leaves the request as it is.
+    fn tenant(&self, req: &Req) -> Option<TenantKey>;
+}
+
+/// The tenant is a [`TenantKey`] extension an earlier layer put there, if
+/// any. The default.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ExtensionTenant;
+
+impl<Req> TenantSource<Req> for ExtensionTenant {
+    fn tenant(&self, _req: &Req) -> Option<TenantKey> {
+        None
+    }
+}
+
+/// The tenant is what a [`KeyExtractor`] finds; see
+/// [`CoalesceLayer::tenant`].
+#[derive(Debug, Clone, Copy)]
+pub struct ExtractedTenant<E>(E);
+
+impl<E: KeyExtractor<Req>, Req> TenantSource<Req> for ExtractedTenant<E> {
+    fn tenant(&self, req: &Req) -> Option<TenantKey> {
+        self.0.extract(req).ok()
     }
 }
 
@@ -107,8 +142,9 @@ where
 
 /// Coalesces identical requests. See the [module docs](self).
 #[derive(Clone)]
-pub struct CoalesceLayer<K = DefaultKey> {
+pub struct CoalesceLayer<K = DefaultKey, T = ExtensionTenant> {
     key: K,
+    tenant: T,
     mode: JoinMode,
     max_body: usize,
     stats: Arc<Counters>,
@@ -121,6 +157,7 @@ impl CoalesceLayer {
     pub fn new(mode: JoinMode) -> Self {
         Self {
             key: DefaultKey,
+            tenant: ExtensionTenant,
             mode,
             max_body: DEFAULT_MAX_BODY,
             stats: Arc::default(),
@@ -129,12 +166,29 @@ impl CoalesceLayer {
     }
 }
 
-impl<K> CoalesceLayer<K> {
+impl<K, T> CoalesceLayer<K, T> {
     /// Decides which requests are the same with `key`.
     #[must_use]
-    pub fn key<K2>(self, key: K2) -> CoalesceLayer<K2> {
+    pub fn key<K2>(self, key: K2) -> CoalesceLayer<K2, T> {
         CoalesceLayer {
             key,
+            tenant: self.tenant,
+            mode: self.mode,
+            max_body: self.max_body,
+            stats: self.stats,
+            observer: self.observer,
+        }
+    }
+
+    /// Finds each request's tenant with `extractor` (the one the rate limit
+    /// uses, say) and stores it as the request's [`TenantKey`] extension,
+    /// which the default key, the observer and the inner service read. A
+    /// request it finds no tenant in is not coalesced by the default key.
+    #[must_use]
+    pub fn tenant<E>(self, extractor: E) -> CoalesceLayer<K, ExtractedTenant<E>> {
+        CoalesceLayer {
+            key: self.key,
+            tenant: ExtractedTenant(extractor),
             mode: self.mode,
             max_body: self.max_body,
             stats: self.stats,
@@ -403,20 +457,22 @@ impl Drop for CallGuard {
 /// The inner service must be `Clone`: each request takes the instance that
 /// was made ready for it (the shared call, or its own call if it cannot
 /// share), and leaves a clone in its place.
-pub struct Coalesce<S, K> {
+pub struct Coalesce<S, K, T = ExtensionTenant> {
     inner: S,
     key: K,
+    tenant: T,
     mode: JoinMode,
     max_body: usize,
     flights: Arc<Flights>,
     observer: Hook,
 }
 
-impl<S: Clone, K: Clone> Clone for Coalesce<S, K> {
+impl<S: Clone, K: Clone, T: Clone> Clone for Coalesce<S, K, T> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
             key: self.key.clone(),
+            tenant: self.tenant.clone(),
             mode: self.mode,
             max_body: self.max_body,
             flights: Arc::clone(&self.flights),
@@ -425,7 +481,7 @@ impl<S: Clone, K: Clone> Clone for Coalesce<S, K> {
     }
 }
 
-impl<S: fmt::Debug, K> fmt::Debug for Coalesce<S, K> {
+impl<S: fmt::Debug, K, T> fmt::Debug for Coalesce<S, K, T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Coalesce")
             .field("inner", &self.inner)
@@ -434,16 +490,18 @@ impl<S: fmt::Debug, K> fmt::Debug for Coalesce<S, K> {
     }
 }
 
-impl<S, K> Layer<S> for CoalesceLayer<K>
+impl<S, K, T> Layer<S> for CoalesceLayer<K, T>
 where
     K: Clone,
+    T: Clone,
 {
-    type Service = Coalesce<S, K>;
+    type Service = Coalesce<S, K, T>;
 
     fn layer(&self, inner: S) -> Self::Service {
         Coalesce {
             inner,
             key: self.key.clone(),
+            tenant: self.tenant.clone(),
             mode: self.mode,
             max_body: self.max_body,
             flights: Arc::new(Flights {
@@ -458,12 +516,13 @@ where
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-impl<S, K, ReqB, ResB> Service<Request<ReqB>> for Coalesce<S, K>
+impl<S, K, T, ReqB, ResB> Service<Request<ReqB>> for Coalesce<S, K, T>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
     S::Future: Send,
     S::Error: fmt::Display + Send,
     K: CoalesceKey + Clone + Send + 'static,
+    T: TenantSource<Request<ReqB>>,
     ReqB: Body<Data = Bytes> + From<Bytes> + Send + 'static,
     ReqB::Error: fmt::Display,
     ResB: BoxedBody + Unpin,
@@ -477,7 +536,10 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+    fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
+        if let Some(tenant) = self.tenant.tenant(&req) {
+            req.extensions_mut().insert(tenant);
+        }
         let fresh = self.inner.clone();
         let mut service = std::mem::replace(&mut self.inner, fresh);
         let key = self.key.clone();

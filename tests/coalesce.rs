@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use tower::{Service, ServiceExt, service_fn};
 use tower_floodgate::TenantKey;
 use tower_floodgate::coalesce::{CoalesceLayer, JoinMode};
+use tower_floodgate::key;
 
 type Body = Full<Bytes>;
 
@@ -247,6 +248,68 @@ async fn the_callers_going_away_does_not_cancel_a_shared_call_and_unstarted_call
     assert_eq!(layer.stats().active_keys, 0);
 }
 
+/// Requests of different tenants never share a call, whether the tenant
+/// comes from the layer's extractor or from nowhere at all.
+#[tokio::test(start_paused = true)]
+async fn tenants_found_by_the_extractor_never_share_and_no_tenant_never_coalesces() {
+    let header = http::HeaderName::from_static("x-tenant-id");
+    let with_header = |tenant: &str| {
+        Request::builder()
+            .method(Method::POST)
+            .uri("/v1/purge")
+            .header(&header, tenant)
+            .body(Body::new(Bytes::from_static(b"same")))
+            .expect("request")
+    };
+
+    let recorder = Recorder::default();
+    let layer = CoalesceLayer::new(JoinMode::InFlight).tenant(key::header(header.clone()));
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(recorder.service(0));
+    let calls: Vec<_> = ["a", "b", "a", "b", "c"]
+        .into_iter()
+        .map(|t| tokio::spawn(svc.clone().oneshot(with_header(t))))
+        .collect();
+    let mut answers = Vec::new();
+    for call in calls {
+        let res = call.await.expect("task").expect("infallible");
+        answers.push(res.headers()["x-call"].to_str().expect("ascii").to_owned());
+    }
+    // One call per tenant: a's two requests share one, b's another.
+    assert_eq!(recorder.starts().len(), 3);
+    assert_eq!(answers[0], answers[2]);
+    assert_eq!(answers[1], answers[3]);
+    assert_ne!(answers[0], answers[1]);
+    assert_ne!(answers[4], answers[0]);
+    assert_ne!(answers[4], answers[1]);
+    assert_eq!(layer.stats().coalesced, 2);
+
+    // Without an extractor and without a `TenantKey` extension, the same
+    // requests (whoever sent them) each make their own call.
+    let recorder = Recorder::default();
+    let layer = CoalesceLayer::new(JoinMode::InFlight);
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(recorder.service(0));
+    let calls: Vec<_> = ["a", "b", "a"]
+        .into_iter()
+        .map(|t| tokio::spawn(svc.clone().oneshot(with_header(t))))
+        .collect();
+    for call in calls {
+        assert!(
+            call.await
+                .expect("task")
+                .expect("infallible")
+                .status()
+                .is_success()
+        );
+    }
+    assert_eq!(recorder.starts().len(), 3);
+    assert_eq!(layer.stats().coalesced, 0);
+    assert_eq!(layer.stats().bypassed, 3);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_panicking_or_failing_call_errors_every_waiter_and_leaves_no_entry() {
     let calls = Arc::new(AtomicUsize::new(0));
@@ -334,7 +397,8 @@ mod over_tcp {
             })
         };
         let batcher = PurgeBatcher::new(backend);
-        let layer = CoalesceLayer::new(JoinMode::Next);
+        let layer = CoalesceLayer::new(JoinMode::Next)
+            .tenant(key::header(http::HeaderName::from_static("x-tenant-id")));
         let app = Router::new()
             .route(
                 "/v1/purge",
@@ -373,7 +437,10 @@ mod over_tcp {
                 http.send(
                     "POST",
                     "/v1/purge",
-                    &[("content-type", "application/json")],
+                    &[
+                        ("content-type", "application/json"),
+                        ("x-tenant-id", "acme"),
+                    ],
                     &body,
                 )
                 .await

@@ -122,7 +122,7 @@ async fn soak(combined: bool) {
         .clock(Clock::tokio())
         .queue(32, CoDel::default())
         .key(key::header(TENANT));
-    let coalesce = CoalesceLayer::new(JoinMode::InFlight);
+    let coalesce = CoalesceLayer::new(JoinMode::InFlight).tenant(key::header(TENANT));
     let svc = if combined {
         ServiceBuilder::new()
             .layer(FloodgateLayer::new(key::header(TENANT), &rate, &cap, &shed))

@@ -97,7 +97,7 @@ impl Dashboard {
 
     /// Adds a coalescing layer.
     #[must_use]
-    pub fn coalesce<K>(self, name: impl Into<String>, layer: &CoalesceLayer<K>) -> Self {
+    pub fn coalesce<K, T>(self, name: impl Into<String>, layer: &CoalesceLayer<K, T>) -> Self {
         let source = Box::new(layer.stats_source());
         self.sources.write().coalescers.push((name.into(), source));
         self
