@@ -525,6 +525,9 @@ enum Cause {
     Rate,
     /// The store could not be asked (fail-closed).
     Unavailable,
+    /// The store could not be asked, and the request costs more than this
+    /// node's share of the quota ever admits (fail-local).
+    OverLocalShare,
     /// The policy blocks the tenant.
     Blocked,
 }
@@ -548,7 +551,9 @@ impl Denied {
     #[must_use]
     pub fn reason(&self) -> DenyReason {
         match self.retry_after {
-            _ if self.cause == Cause::Unavailable => DenyReason::StoreUnavailable,
+            _ if matches!(self.cause, Cause::Unavailable | Cause::OverLocalShare) => {
+                DenyReason::StoreUnavailable
+            }
             _ if self.cause == Cause::Blocked => DenyReason::Blocked,
             Some(_) => DenyReason::OverRate,
             None => DenyReason::CostExceedsBurst,
@@ -573,6 +578,11 @@ impl Denied {
         }
         if self.cause == Cause::Unavailable {
             return "the rate limit store cannot be reached, and the limiter fails closed".to_owned();
+        }
+        if self.cause == Cause::OverLocalShare {
+            return "the rate limit store cannot be reached, and this request costs more than \
+                    this node's share of the quota admits meanwhile"
+                .to_owned();
         }
         match self.retry_after {
             Some(wait) => {
@@ -809,6 +819,18 @@ impl RateLimiter {
             FailurePolicy::Local { share } => {
                 counters.fallback_local.fetch_add(1, Relaxed);
                 let local = quota.scaled(share);
+                if cost > local.burst() {
+                    // Within the whole quota's burst (checked before asking
+                    // the store), but over this node's share of it: it will
+                    // be admitted once the store answers again, never here.
+                    return Err(Denied {
+                        usage: Usage::at(now, now, &local),
+                        cost,
+                        retry_after: Some(Duration::from_secs(1)),
+                        cause: Cause::OverLocalShare,
+                        fallback: true,
+                    });
+                }
                 let (step, tat) = inner.store.check(snapshot, hash, now, cost, &local);
                 outcome(step, tat, now, cost, &local)
                     .map(|a| Allowed { fallback: true, ..a })

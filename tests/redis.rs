@@ -339,6 +339,16 @@ async fn losing_redis_applies_the_failure_policy_and_recovery_needs_no_restart()
     }));
     let decisions = decide_n(&local, 20).await;
     assert_eq!(decisions.iter().filter(|d| d.is_ok()).count(), 5);
+    // A cost within the whole burst (10) but over this node's half of it is
+    // refused as the store being away, to retry in a second; not as a cost
+    // that can never be admitted.
+    let big = local
+        .check_async("big", 8)
+        .await
+        .expect_err("over the local share");
+    assert_eq!(big.reason(), DenyReason::StoreUnavailable);
+    assert_eq!(big.retry_after(), Some(Duration::from_secs(1)));
+    assert!(big.is_fallback());
     for limiter in [&open, &closed, &local] {
         let stats = limiter.redis_stats().expect("a Redis limiter");
         assert!(stats.breaker_open && stats.breaker_opened >= 1, "{stats:?}");
@@ -347,7 +357,7 @@ async fn losing_redis_applies_the_failure_policy_and_recovery_needs_no_restart()
     }
     assert_eq!(open.redis_stats().map(|s| s.fallback_open), Some(20));
     assert_eq!(closed.redis_stats().map(|s| s.fallback_closed), Some(20));
-    assert_eq!(local.redis_stats().map(|s| s.fallback_local), Some(20));
+    assert_eq!(local.redis_stats().map(|s| s.fallback_local), Some(21));
 
     // Redis comes back: the same limiters use it again by themselves.
     server.restart();
