@@ -308,6 +308,13 @@ pub enum OverloadCause {
         /// Whether the request waited in the queue first.
         queued: bool,
     },
+    /// The concurrency cap tracks at most about `max` tenants with
+    /// requests in flight at once, and had no room for another one.
+    #[error("about {max} tenants have requests in flight, the most tracked at once")]
+    TenantsInFlight {
+        /// The layer's `max_active_tenants`.
+        max: usize,
+    },
     /// The load shedder refused the request.
     #[error("{reason} ({in_flight} in flight, limit {limit}, {priority} priority)")]
     Shed {

@@ -332,3 +332,53 @@ async fn generic_layer_fails_with_a_downcastable_rejection() {
     gate.notify_one();
     assert_eq!(again.await.expect("task").expect("ok"), "done");
 }
+
+/// When more tenants have requests in flight than the table seats, a new
+/// tenant is refused as the server being over capacity (503), not as a
+/// tenant over its own cap (429): it has nothing in flight.
+#[tokio::test(start_paused = true)]
+async fn a_tenant_the_table_has_no_seat_for_gets_503_not_its_cap() {
+    // A table for one tenant has 64 seats; 200 tenants cannot all sit.
+    let caps = ConcurrencyCapLayer::new(Plan::new("p").concurrency(4))
+        .key(key::header(TENANT))
+        .max_active_tenants(1);
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let release = Arc::new(Semaphore::new(0));
+    let svc = tower::ServiceBuilder::new()
+        .layer(caps.clone())
+        .service(gated(Arc::clone(&order), Arc::clone(&release)));
+    let mut held = Vec::new();
+    let mut refused = Vec::new();
+    for i in 0..200 {
+        let task = tokio::spawn(exchange(svc.clone(), request(&format!("tenant-{i}"), i)));
+        tokio::task::yield_now().await;
+        if task.is_finished() {
+            refused.push(task.await.expect("task"));
+        } else {
+            held.push(task);
+        }
+    }
+    let stats = caps.stats();
+    assert!(
+        held.len() <= 64 && !refused.is_empty(),
+        "{} held",
+        held.len()
+    );
+    assert!(
+        refused
+            .iter()
+            .all(|s| *s == StatusCode::SERVICE_UNAVAILABLE)
+    );
+    assert_eq!(stats.no_room, refused.len() as u64);
+    assert_eq!(stats.tenant_capped, 0);
+    // Once they finish, a new tenant finds a seat.
+    release.add_permits(held.len());
+    for task in held {
+        assert_eq!(task.await.expect("task"), StatusCode::OK);
+    }
+    release.add_permits(1);
+    assert_eq!(
+        exchange(svc.clone(), request("late", 999)).await,
+        StatusCode::OK
+    );
+}

@@ -65,6 +65,9 @@ pub(crate) struct Runtime {
     clock: Clock,
     tenant_capped: AtomicU64,
     global_capped: AtomicU64,
+    /// About how many tenants the table seats at once.
+    max_active: usize,
+    no_room: AtomicU64,
     timed_out: AtomicU64,
     key_rejected: AtomicU64,
     blocked: AtomicU64,
@@ -96,6 +99,8 @@ impl Runtime {
             clock: Clock::monotonic(),
             tenant_capped: AtomicU64::new(0),
             global_capped: AtomicU64::new(0),
+            max_active,
+            no_room: AtomicU64::new(0),
             timed_out: AtomicU64::new(0),
             key_rejected: AtomicU64::new(0),
             blocked: AtomicU64::new(0),
@@ -113,6 +118,7 @@ impl Runtime {
         ConcurrencyStats {
             tenant_capped: self.tenant_capped.load(Ordering::Relaxed),
             global_capped: self.global_capped.load(Ordering::Relaxed),
+            no_room: self.no_room.load(Ordering::Relaxed),
             timed_out: self.timed_out.load(Ordering::Relaxed),
             key_rejected: self.key_rejected.load(Ordering::Relaxed),
             blocked: self.blocked.load(Ordering::Relaxed),
@@ -219,8 +225,10 @@ impl<K> ConcurrencyCapLayer<K> {
     /// About how many tenants may have requests in flight or waiting at
     /// once (default [`DEFAULT_MAX_ACTIVE_TENANTS`]); each takes a 16-byte
     /// seat in a table of twice that size, allocated up front. A tenant that
-    /// finds no free seat near its place is refused as over its cap. Starts
-    /// a fresh state: call it before cloning the layer.
+    /// finds no free seat near its place is refused with 503, as the server
+    /// being over capacity (gRPC `UNAVAILABLE`; counted as `no_room`), not
+    /// as over its own cap. Starts a fresh state: call it before cloning
+    /// the layer.
     #[must_use]
     pub fn max_active_tenants(mut self, max: usize) -> Self {
         let shadow = self.is_shadow();
@@ -382,6 +390,10 @@ pub struct ConcurrencyStats {
     pub tenant_capped: u64,
     /// Requests refused because of the global cap.
     pub global_capped: u64,
+    /// Requests refused (503) because so many other tenants had requests
+    /// in flight that the table had no seat for theirs
+    /// ([`max_active_tenants`](ConcurrencyCapLayer::max_active_tenants)).
+    pub no_room: u64,
     /// Of those, requests that waited in the queue until their deadline.
     pub timed_out: u64,
     /// Requests refused for a missing, malformed or oversized key.
@@ -598,9 +610,23 @@ impl<K> Shared<K> {
                         observer: self.observer.clone(),
                     }));
                 }
-                Admission::Full | Admission::NoRoom => {
+                Admission::Full => {
                     let rejection = capped(key, plan, cap, false);
                     return if runtime.refuse(&rejection, &runtime.tenant_capped, &self.observer, None) {
+                        Admit::Now(held)
+                    } else {
+                        Admit::Reject(rejection)
+                    };
+                }
+                Admission::NoRoom => {
+                    let rejection = Rejection::Overloaded(Box::new(Overloaded {
+                        cause: OverloadCause::TenantsInFlight {
+                            max: runtime.max_active,
+                        },
+                        tenant: Some(key.clone()),
+                        retry_after: self.config.retry_after,
+                    }));
+                    return if runtime.refuse(&rejection, &runtime.no_room, &self.observer, None) {
                         Admit::Now(held)
                     } else {
                         Admit::Reject(rejection)
