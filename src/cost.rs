@@ -60,8 +60,9 @@ pub struct Header {
 }
 
 /// The cost is the decimal number in header `name`; a request without the
-/// header costs 1, one with a value that is not a number up to 4 294 967 295
-/// is refused with 400.
+/// header costs 1, one with a value that is not a number up to 4 294 967 295,
+/// or with the header more than once (a client's value before the one a
+/// proxy appends), is refused with 400.
 ///
 /// Only for a header a trusted component sets: a client choosing its own
 /// cost could choose 0.
@@ -76,6 +77,12 @@ pub struct Header {
 /// assert_eq!(cost.cost(&Request::new(())), Ok(1));
 /// let bad = Request::builder().header("x-purge-count", "-1").body(()).unwrap();
 /// assert!(cost.cost(&bad).is_err());
+/// let twice = Request::builder()
+///     .header("x-purge-count", "0")
+///     .header("x-purge-count", "200")
+///     .body(())
+///     .unwrap();
+/// assert!(cost.cost(&twice).is_err());
 /// ```
 #[must_use]
 pub fn header(name: HeaderName) -> Header {
@@ -84,9 +91,13 @@ pub fn header(name: HeaderName) -> Header {
 
 impl<B> RequestCost<http::Request<B>> for Header {
     fn cost(&self, req: &http::Request<B>) -> Result<u32, InvalidCost> {
-        let Some(value) = req.headers().get(&self.name) else {
+        let mut values = req.headers().get_all(&self.name).iter();
+        let Some(value) = values.next() else {
             return Ok(1);
         };
+        if values.next().is_some() {
+            return Err(InvalidCost::new("the cost header appears more than once"));
+        }
         let bytes = value.as_bytes();
         if bytes.is_empty() || bytes.len() > 10 || !bytes.iter().all(u8::is_ascii_digit) {
             return Err(InvalidCost::new("the cost header is not a decimal number"));
