@@ -129,7 +129,12 @@ impl Target {
             (Self::Everything, _) => true,
             (_, Self::Everything) => false,
             (Self::Host(h), Self::Host(o)) => h == o,
-            (Self::Host(h), Self::Prefix(o) | Self::Url(o)) => host_of(o) == Some(h.as_str()),
+            (Self::Host(h), Self::Url(o)) => host_of(o) == Some(h.as_str()),
+            // Only a prefix that goes past the host: `https://img.example.co`
+            // also covers `https://img.example.com/…`.
+            (Self::Host(h), Self::Prefix(o)) => {
+                host_of(o) == Some(h.as_str()) && authority_ends(o)
+            }
             (Self::Prefix(p), Self::Prefix(o) | Self::Url(o)) => o.starts_with(p.as_str()),
             (Self::Url(u), Self::Url(o)) | (Self::Tag(u), Self::Tag(o)) => u == o,
             _ => false,
@@ -189,6 +194,13 @@ fn host_of(url: &str) -> Option<&str> {
     Some(rest.split(['/', '?', '#']).next().unwrap_or(rest))
 }
 
+/// Whether `url` goes on past its authority (a path, query or fragment
+/// follows), so that every URL it is a prefix of has the same host.
+fn authority_ends(url: &str) -> bool {
+    url.split_once("://")
+        .is_some_and(|(_, rest)| rest.contains(['/', '?', '#']))
+}
+
 /// How a purge removes content.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub enum Mode {
@@ -214,6 +226,24 @@ mod tests {
 
     fn t(r: Result<Target, InvalidTarget>) -> Target {
         r.unwrap_or_else(|e| unreachable!("{e}"))
+    }
+
+    #[test]
+    fn a_host_covers_only_prefixes_that_stay_on_it() {
+        let host = t(Target::host("img.example.co"));
+        // A prefix that ends at the host also matches other hosts.
+        assert!(!host.covers(&t(Target::prefix("https://img.example.co"))));
+        assert!(
+            t(Target::prefix("https://img.example.co"))
+                .covers(&t(Target::url("https://img.example.com/a.png")))
+        );
+        assert!(host.covers(&t(Target::prefix("https://img.example.co/"))));
+        assert!(host.covers(&t(Target::prefix("https://img.example.co/static/"))));
+        assert!(host.covers(&t(Target::url("https://img.example.co/a.png"))));
+        assert!(!host.covers(&t(Target::url("https://img.example.com/a.png"))));
+        let with_port = t(Target::host("a.example:8"));
+        assert!(!with_port.covers(&t(Target::prefix("https://a.example:8"))));
+        assert!(with_port.covers(&t(Target::prefix("https://a.example:8/x"))));
     }
 
     #[test]
