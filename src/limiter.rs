@@ -728,7 +728,6 @@ impl RateLimiter {
         cost: u32,
         quota: &Quota,
     ) -> Result<Allowed, Denied> {
-        use std::sync::atomic::Ordering::Relaxed;
         let inner = &*self.inner;
         let Some(remote) = &inner.remote else {
             return Ok(Allowed { usage: None, fallback: false });
@@ -757,10 +756,7 @@ impl RateLimiter {
                     });
                 }
                 Err(reason) => {
-                    backend.counters.failures.fetch_add(1, Relaxed);
-                    if backend.breaker.failure(inner.clock.now_nanos()) {
-                        backend.counters.breaker_opened.fetch_add(1, Relaxed);
-                    }
+                    backend.failed(inner.clock.now_nanos());
                     Some(reason)
                 }
             }

@@ -59,6 +59,7 @@ use std::time::Duration;
 
 use ::redis::Script;
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use arc_swap::ArcSwap;
 use tokio::sync::OnceCell;
 
 use crate::clock::saturating_nanos;
@@ -181,13 +182,48 @@ impl Default for RedisConfig {
 #[error("invalid Redis configuration: {0}")]
 pub struct RedisStoreError(#[from] ::redis::RedisError);
 
+type ClusterCell = OnceCell<::redis::cluster_async::ClusterConnection>;
+
+/// The connection, replaced by a fresh one whenever the breaker opens: a
+/// connection that stopped answering without closing (a dead NAT entry, a
+/// failed-over address) only ever times out, which the client does not
+/// treat as a reason to reconnect.
 #[derive(Clone)]
 enum Connection {
-    Single(ConnectionManager),
+    Single(Arc<Single>),
     Cluster {
         client: Arc<::redis::cluster::ClusterClient>,
-        connection: Arc<OnceCell<::redis::cluster_async::ClusterConnection>>,
+        /// Built by a task of its own, so that a decision's timeout (20 ms
+        /// by default) never cuts short the few round trips it takes.
+        connection: Arc<ArcSwap<ClusterCell>>,
     },
+}
+
+/// One Redis server, and what it takes to connect to it afresh.
+struct Single {
+    client: ::redis::Client,
+    config: ConnectionManagerConfig,
+    manager: ArcSwap<ConnectionManager>,
+}
+
+impl Connection {
+    /// Drops the connection in use for a fresh one (connected on first
+    /// use).
+    fn replace(&self) {
+        match self {
+            Self::Single(single) => {
+                if let Ok(fresh) = ConnectionManager::new_lazy_with_config(
+                    single.client.clone(),
+                    single.config.clone(),
+                ) {
+                    single.manager.store(Arc::new(fresh));
+                }
+            }
+            Self::Cluster { connection, .. } => {
+                connection.store(Arc::new(OnceCell::new()));
+            }
+        }
+    }
 }
 
 /// A Redis (or Valkey, or Redis Cluster) store for the rate limiter. Give it
@@ -230,9 +266,13 @@ impl RedisStore {
             .set_response_timeout(Some(config.timeout.max(Duration::from_millis(100))))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let manager = ConnectionManager::new_lazy_with_config(client, manager_config)?;
+        let manager = ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())?;
         Ok(Self {
-            connection: Connection::Single(manager),
+            connection: Connection::Single(Arc::new(Single {
+                client,
+                config: manager_config,
+                manager: ArcSwap::from_pointee(manager),
+            })),
             config,
         })
     }
@@ -255,7 +295,7 @@ impl RedisStore {
         Ok(Self {
             connection: Connection::Cluster {
                 client: Arc::new(client),
-                connection: Arc::new(OnceCell::new()),
+                connection: Arc::new(ArcSwap::from_pointee(OnceCell::new())),
             },
             config,
         })
@@ -387,17 +427,19 @@ impl Breaker {
         self.state.store(CLOSED, Ordering::Release);
     }
 
-    /// Records a failure; `true` if it opened the breaker.
-    pub(crate) fn failure(&self, now: u64) -> bool {
+    /// Records a failure: `Some(true)` if it opened the breaker,
+    /// `Some(false)` if a failed probe opened it again, `None` if nothing
+    /// changed.
+    pub(crate) fn failure(&self, now: u64) -> Option<bool> {
         let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
         let state = self.state.load(Ordering::Acquire);
         if state == PROBING || (state == CLOSED && failures >= self.threshold) {
             self.until
                 .store(now.saturating_add(self.cooldown), Ordering::Release);
             self.state.store(OPEN, Ordering::Release);
-            return state == CLOSED;
+            return Some(state == CLOSED);
         }
-        false
+        None
     }
 }
 
@@ -421,6 +463,19 @@ impl RedisBackend {
 
     pub(crate) fn config(&self) -> &RedisConfig {
         &self.store.config
+    }
+
+    /// A call failed: counts it, and when that opens the breaker (or a
+    /// probe failed), replaces the connection, so that the next probe does
+    /// not wait on one that stopped answering.
+    pub(crate) fn failed(&self, now: u64) {
+        self.counters.failures.fetch_add(1, Ordering::Relaxed);
+        if let Some(first) = self.breaker.failure(now) {
+            if first {
+                self.counters.breaker_opened.fetch_add(1, Ordering::Relaxed);
+            }
+            self.store.connection.replace();
+        }
     }
 
     /// Runs the script for `tenant`, within the timeout.
@@ -448,12 +503,21 @@ impl RedisBackend {
         invocation.arg(interval).arg(tolerance).arg(cost).arg(clock);
         let call = async {
             let reply: (i64, i64, i64) = match &self.store.connection {
-                Connection::Single(manager) => {
-                    let mut manager = manager.clone();
+                Connection::Single(single) => {
+                    let mut manager = ConnectionManager::clone(&single.manager.load());
                     invocation.invoke_async(&mut manager).await
                 }
                 Connection::Cluster { client, connection } => {
-                    let connection = connection
+                    let cell = connection.load_full();
+                    if !cell.initialized() {
+                        // Connect in a task of its own, which outlives this
+                        // decision's timeout; wait for it meanwhile.
+                        let (cell, client) = (Arc::clone(&cell), Arc::clone(client));
+                        tokio::spawn(async move {
+                            let _ = cell.get_or_try_init(|| client.get_async_connection()).await;
+                        });
+                    }
+                    let connection = cell
                         .get_or_try_init(|| client.get_async_connection())
                         .await?;
                     let mut connection = connection.clone();
@@ -507,14 +571,14 @@ mod tests {
         let b = Breaker::new(&config);
         let s = 1_000_000_000;
         assert!(b.allows(0));
-        assert!(!b.failure(0));
-        assert!(b.failure(0));
+        assert_eq!(b.failure(0), None);
+        assert_eq!(b.failure(0), Some(true));
         assert!(!b.allows(s / 2));
         // After the cooldown, one probe (others keep out).
         assert!(b.allows(s));
         assert!(!b.allows(s));
         // The probe fails: open again for a cooldown.
-        assert!(!b.failure(s));
+        assert_eq!(b.failure(s), Some(false));
         assert!(!b.allows(s + s / 2));
         assert!(b.allows(2 * s));
         b.success();
@@ -535,7 +599,7 @@ mod tests {
                     ::redis::cluster::ClusterClient::new(vec!["redis://127.0.0.1:1"])
                         .unwrap_or_else(|e| unreachable!("{e}")),
                 ),
-                connection: Arc::new(OnceCell::new()),
+                connection: Arc::new(ArcSwap::from_pointee(OnceCell::new())),
             },
             config: RedisConfig {
                 prefix: "p:".into(),

@@ -739,3 +739,116 @@ async fn the_combined_layer_waits_for_redis_then_caps_and_sheds() {
     assert_eq!(cap.stats().tenants_in_flight, 0);
     assert_eq!(shed.stats().in_flight, 0);
 }
+
+/// A TCP proxy to `upstream`. [`Proxy::freeze`] makes every connection
+/// opened so far stop forwarding without closing (as after a failover, or
+/// when a NAT forgets the connection); new connections are forwarded.
+struct Proxy {
+    addr: std::net::SocketAddr,
+    generation: Arc<AtomicU64>,
+}
+
+impl Proxy {
+    async fn start(upstream: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let generation = Arc::new(AtomicU64::new(0));
+        let current = Arc::clone(&generation);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let (current, upstream) = (Arc::clone(&current), upstream.clone());
+                let mine = current.load(Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (from_client, to_client) = client.into_split();
+                    let (from_server, to_server) = server.into_split();
+                    tokio::join!(
+                        pump(from_client, to_server, Arc::clone(&current), mine),
+                        pump(from_server, to_client, current, mine)
+                    );
+                });
+            }
+        });
+        Self { addr, generation }
+    }
+
+    fn freeze(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    current: Arc<AtomicU64>,
+    mine: u64,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if current.load(Ordering::SeqCst) != mine {
+            // Frozen: the bytes go nowhere, and the sockets stay open.
+            std::future::pending::<()>().await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_stops_answering_is_replaced() {
+    redis().await;
+    let url = redis_url();
+    let upstream = url
+        .trim_start_matches("redis://")
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let proxy = Proxy::start(upstream).await;
+    let store = RedisStore::new(
+        &format!("redis://{}", proxy.addr),
+        RedisConfig {
+            breaker_threshold: 2,
+            breaker_cooldown: Duration::from_millis(200),
+            ..config("frozen")
+        },
+    )
+    .expect("store");
+    let limiter = RateLimiter::builder(Quota::per_second(nz(1_000)))
+        .redis(store)
+        .build();
+    assert!(limiter.check_async("t", 1).await.is_ok());
+    let before = limiter.redis_stats().expect("stats");
+    assert_eq!((before.calls, before.failures), (1, 0));
+
+    // The connection goes silent: decisions time out and fall back, then
+    // the store connects again (to the same proxy, which forwards new
+    // connections) and decides on Redis, by itself.
+    proxy.freeze();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut fell_back = false;
+    loop {
+        let before = limiter.redis_stats().expect("stats");
+        let decision = limiter.check_async("t", 1).await;
+        let after = limiter.redis_stats().expect("stats");
+        fell_back |= decision
+            .as_ref()
+            .map_or_else(|d| d.is_fallback(), |a| a.is_fallback());
+        if fell_back && after.calls > before.calls && after.failures == before.failures {
+            assert!(decision.is_ok());
+            break;
+        }
+        assert!(Instant::now() < deadline, "never reconnected: {after:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
