@@ -931,8 +931,8 @@ mod tests {
             .policy()
             .update(|p| p.assign("a", "pro"))
             .unwrap_or_else(|e| unreachable!("{e}"));
-        // The tenant keeps its share of the burst in use: all of free's one
-        // unit, i.e. one of pro's hundred. So pro admits 99 more at once.
+        // The tenant keeps the units it has used: free's one unit is one of
+        // pro's hundred. So pro admits 99 more at once.
         let admitted = (0..200).filter(|_| limiter.check("a", 1).is_ok()).count();
         assert_eq!(admitted, 99);
         // And a downgrade throttles at once: 100 units in use on pro are

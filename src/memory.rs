@@ -61,8 +61,8 @@ impl MemoryStore {
     }
 
     /// After a policy change, rescales the debt of every tracked tenant
-    /// whose quota changed, so that it keeps the same share of its burst in
-    /// use. Runs on the thread that changed the policy.
+    /// whose quota changed, so that it keeps the units it has in use (up to
+    /// the new burst). Runs on the thread that changed the policy.
     pub(crate) fn rescale(&self, old: &Policy, new: &Policy, now: u64) {
         let convert = |fp: u64, tat: &AtomicU64| {
             if let (Some(from), Some(to)) = (old.quota_for_hash(fp), new.quota_for_hash(fp))

@@ -590,12 +590,12 @@ pub enum PolicyError {
 ///
 /// # Tenants that change plans
 ///
-/// A tenant keeps what it has used when its quota changes, in proportion:
-/// a tenant that spent its whole burst on the old plan starts the new one
-/// with an empty bucket, one that spent a fifth of it starts with a fifth
-/// of the new burst in use. So an upgrade gives relief at once (a tenant
-/// blocked for an hour at 1 request per hour is admitted right away on
-/// 1 000 per hour), and a downgrade throttles at once. The limiters make
+/// A tenant keeps the units it has used when its quota changes, up to the
+/// new plan's burst: its debt is rescaled to the new rate and capped at the
+/// new burst. So an upgrade gives relief at once (a tenant blocked for an
+/// hour at 1 request per hour has used 1 of 1 000 per hour, and is admitted
+/// right away), and a downgrade throttles at once (100 units used on a plan
+/// with a burst of 100 are the whole burst of a plan with 10). The limiters make
 /// this adjustment while `update` runs, not on the request path.
 #[derive(Clone)]
 pub struct PolicyHandle {

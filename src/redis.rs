@@ -29,7 +29,7 @@
 //!   sends the caller's instead, for Redis flavours that refuse `TIME` in
 //!   scripts. The quota and cost travel with every call, so tiers and
 //!   policy changes need nothing in Redis: a tenant whose quota changed
-//!   keeps its share of the burst in use, as in memory. A tenant's key
+//!   keeps the units it has in use (up to the new burst), as in memory. A tenant's key
 //!   expires when its bucket is full again: Redis holds nothing for idle
 //!   tenants.
 //! * **Keys** are `prefix{tenant}`: the hash tag puts each tenant in one
@@ -72,7 +72,10 @@ use crate::quota::Quota;
 /// interval (µs), tolerance (µs), cost, and the caller's clock (µs since the
 /// epoch) or "" for Redis' own. A TAT stored under another interval (the
 /// tenant's quota changed) is rescaled so that the tenant keeps the same
-/// share of its burst in use, as the in-memory store does.
+/// number of units in use, and any debt is capped at the tolerance (the
+/// burst may have shrunk), as the in-memory store does; a rescaled TAT is
+/// stored even when the step is refused, so that a downgraded tenant's key
+/// lives as long as its new debt, not its old one.
 /// Returns `{allowed (1/0), debt (µs: TAT − now after the step), wait (µs)}`.
 const GCRA: &str = r"
 local interval = tonumber(ARGV[1])
@@ -86,18 +89,25 @@ else
   now = tonumber(ARGV[4])
 end
 local tat = now
+local rescaled = false
 local stored = redis.call('GET', KEYS[1])
 if stored then
   local t, i = string.match(stored, '^(%d+):(%d+)$')
   if t then
     tat = tonumber(t)
     local old = tonumber(i)
-    if tat > now and old ~= interval and old > 0 then
-      local debt = math.floor((tat - now) / old * interval)
+    if tat > now then
+      local debt = tat - now
+      if old ~= interval and old > 0 then
+        debt = math.floor(debt / old * interval)
+      end
       if debt > tolerance then
         debt = tolerance
       end
-      tat = now + debt
+      if now + debt ~= tat or old ~= interval then
+        tat = now + debt
+        rescaled = true
+      end
     end
   end
 end
@@ -112,6 +122,9 @@ local allow_at = new_tat - tolerance
 if allow_at <= now then
   redis.call('SET', KEYS[1], string.format('%d:%d', new_tat, interval), 'PX', math.ceil((new_tat - now) / 1000))
   return {1, new_tat - now, 0}
+end
+if rescaled then
+  redis.call('SET', KEYS[1], string.format('%d:%d', tat, interval), 'PX', math.max(1, math.ceil((tat - now) / 1000)))
 end
 return {0, tat - now, allow_at - now}
 ";

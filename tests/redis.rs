@@ -133,6 +133,49 @@ async fn tiers_cost_and_policy_changes_work_as_in_memory() {
     assert!(limiter.check_async("a", 500).await.is_ok());
 }
 
+/// A downgraded tenant stays in debt on Redis as long as in memory: its
+/// key's expiry follows the new debt, not the old one, and a smaller burst
+/// caps the debt.
+#[tokio::test]
+async fn a_downgrade_lasts_as_long_on_redis_as_in_memory() {
+    redis().await;
+    // pro: 1,000 a second, burst 100 (1 ms a unit); free: 10 a second,
+    // burst 10 (100 ms a unit, 1 s of tolerance).
+    let plans = || {
+        PolicyHandle::new(
+            Policy::builder(Plan::new("free").rate(Quota::per_second(nz(10))))
+                .tier(Plan::new("pro").rate(Quota::per_second(nz(1_000))))
+                .assign("a", "pro")
+                .build()
+                .expect("policy"),
+        )
+    };
+    let (on_redis, in_memory) = (plans(), plans());
+    let redis = limiter(on_redis.clone(), config("downgrade"));
+    let memory = RateLimiter::builder(in_memory.clone()).build();
+    let mut admitted = Vec::new();
+    for (limiter, policy) in [(&redis, &on_redis), (&memory, &in_memory)] {
+        // 100 units on pro: 100 ms of debt there, which would be gone (and
+        // the key expired) in 100 ms; on free they are the whole burst, a
+        // second of debt.
+        assert!(limiter.check_async("a", 100).await.is_ok());
+        policy.update(|p| p.remove("a")).expect("policy");
+        assert!(limiter.check_async("a", 1).await.is_err());
+        admitted.push(0);
+    }
+    // Well past the old debt, well within the new one: about 3 units have
+    // come back (300 ms at 100 ms a unit), not a fresh burst of 10.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (n, limiter) in admitted.iter_mut().zip([&redis, &memory]) {
+        for _ in 0..10 {
+            if limiter.check_async("a", 1).await.is_ok() {
+                *n += 1;
+            }
+        }
+    }
+    assert!(admitted.iter().all(|n| (2..=4).contains(n)), "{admitted:?}");
+}
+
 #[tokio::test]
 async fn keys_expire_when_the_tenant_is_idle() {
     let mut redis = redis().await;
