@@ -147,7 +147,10 @@ pub struct CoalesceLayer<K = DefaultKey, T = ExtensionTenant> {
     tenant: T,
     mode: JoinMode,
     max_body: usize,
-    stats: Arc<Counters>,
+    /// The calls in flight (and the counters), shared by every service
+    /// the layer makes: one state for every `layer()` call, so that
+    /// identical requests to two routes share too.
+    flights: Arc<Flights>,
     observer: Hook,
 }
 
@@ -160,7 +163,11 @@ impl CoalesceLayer {
             tenant: ExtensionTenant,
             mode,
             max_body: DEFAULT_MAX_BODY,
-            stats: Arc::default(),
+            flights: Arc::new(Flights {
+                keys: Mutex::new(HashMap::new()),
+                stats: Arc::default(),
+                next_id: AtomicU64::new(1),
+            }),
             observer: Hook::default(),
         }
     }
@@ -175,7 +182,7 @@ impl<K, T> CoalesceLayer<K, T> {
             tenant: self.tenant,
             mode: self.mode,
             max_body: self.max_body,
-            stats: self.stats,
+            flights: self.flights,
             observer: self.observer,
         }
     }
@@ -191,7 +198,7 @@ impl<K, T> CoalesceLayer<K, T> {
             tenant: ExtractedTenant(extractor),
             mode: self.mode,
             max_body: self.max_body,
-            stats: self.stats,
+            flights: self.flights,
             observer: self.observer,
         }
     }
@@ -217,12 +224,12 @@ impl<K, T> CoalesceLayer<K, T> {
     /// Counters, shared by every service made by this layer and its clones.
     #[must_use]
     pub fn stats(&self) -> CoalesceStats {
-        self.stats.snapshot()
+        self.flights.stats.snapshot()
     }
 
     /// What [`stats`](Self::stats) reads, for a dashboard.
     pub(crate) fn stats_source(&self) -> impl Fn() -> CoalesceStats + Send + Sync + 'static {
-        let stats = Arc::clone(&self.stats);
+        let stats = Arc::clone(&self.flights.stats);
         move || stats.snapshot()
     }
 }
@@ -504,11 +511,7 @@ where
             tenant: self.tenant.clone(),
             mode: self.mode,
             max_body: self.max_body,
-            flights: Arc::new(Flights {
-                keys: Mutex::new(HashMap::new()),
-                stats: Arc::clone(&self.stats),
-                next_id: AtomicU64::new(1),
-            }),
+            flights: Arc::clone(&self.flights),
             observer: self.observer.clone(),
         }
     }

@@ -310,6 +310,28 @@ async fn tenants_found_by_the_extractor_never_share_and_no_tenant_never_coalesce
     assert_eq!(layer.stats().bypassed, 3);
 }
 
+/// Every service a layer makes shares one state, as axum makes one per
+/// route: with a key that leaves the path out, identical requests to two
+/// routes share one call.
+#[tokio::test(start_paused = true)]
+async fn services_of_one_layer_share_their_calls() {
+    let recorder = Recorder::default();
+    let layer =
+        CoalesceLayer::new(JoinMode::InFlight).key(|parts: &http::request::Parts, body: &Bytes| {
+            let tenant = parts.extensions.get::<TenantKey>()?;
+            Some([tenant.as_bytes(), b"/", body].concat())
+        });
+    let first = tower::Layer::layer(&layer, recorder.service(0));
+    let second = tower::Layer::layer(&layer, recorder.service(0));
+    let a = tokio::spawn(first.oneshot(request(Method::POST, "t", "x")));
+    let b = tokio::spawn(second.oneshot(request(Method::POST, "t", "x")));
+    let (a, b) = (a.await.expect("task"), b.await.expect("task"));
+    let call = |r: &Response<Out>| r.headers()["x-call"].clone();
+    assert_eq!(call(&a.expect("infallible")), call(&b.expect("infallible")));
+    assert_eq!(recorder.starts().len(), 1);
+    assert_eq!(layer.stats().coalesced, 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_panicking_or_failing_call_errors_every_waiter_and_leaves_no_entry() {
     let calls = Arc::new(AtomicUsize::new(0));
