@@ -441,3 +441,30 @@ where
     }
     out
 }
+
+/// Each request is counted as coalesced once: a URL purge that joined a
+/// pending one, and then both absorbed by a prefix, count two, not three.
+#[tokio::test(start_paused = true)]
+async fn absorbed_items_count_each_coalesced_request_once() {
+    let backend = Backend::new();
+    let batcher = backend.batcher(BatchConfig {
+        window: Duration::from_millis(20),
+        max_items: 256,
+    });
+    let prefix = Target::prefix("https://cdn.example.com/img/").expect("prefix");
+    let tasks = [url("img/a.png"), url("img/a.png"), prefix]
+        .into_iter()
+        .map(|target| tokio::spawn(batcher.purge(tenant("t"), target, Mode::Hard)))
+        .collect::<Vec<_>>();
+    let mut coalesced = 0;
+    for task in tasks {
+        let outcome = task.await.expect("task");
+        assert_eq!(outcome.result, ItemResult::Purged);
+        coalesced += usize::from(outcome.coalesced);
+    }
+    let stats = batcher.stats();
+    assert_eq!((stats.requests, stats.coalesced), (3, 2));
+    assert_eq!(coalesced, 2);
+    assert_eq!(backend.calls().len(), 1);
+    assert_eq!(backend.calls()[0].batch.items.len(), 1);
+}

@@ -397,9 +397,9 @@ where
                     .collect();
                 for covered_id in covered {
                     if let Some(old) = state.remove(covered_id) {
-                        inner
-                            .coalesced
-                            .fetch_add(old.waiters.len() as u64, Ordering::Relaxed);
+                        // Those that had joined it were counted then.
+                        let newly = old.waiters.values().filter(|w| !w.coalesced).count();
+                        inner.coalesced.fetch_add(newly as u64, Ordering::Relaxed);
                         item.waiters.extend(old.waiters.into_iter().map(|(id, w)| {
                             (
                                 id,
