@@ -218,15 +218,18 @@ impl Quota {
     }
 
     /// The quota as the `q` and `w` of a `RateLimit-Policy` item: units per
-    /// window of whole seconds. Sub-second and fractional periods are scaled
-    /// to a window of one second.
+    /// window of whole seconds. A period that is not whole seconds is
+    /// advertised over the next whole number of seconds, rounding the units
+    /// down: never more than the quota admits (1 per 1.5 s is `q=1;w=2`,
+    /// not `q=1;w=1`).
     pub(crate) fn header_window(&self) -> (u64, u64) {
         if self.period_nanos.is_multiple_of(NANOS_PER_SEC) {
             (u64::from(self.count), self.period_nanos / NANOS_PER_SEC)
         } else {
-            let per_second =
-                u128::from(self.count) * u128::from(NANOS_PER_SEC) / u128::from(self.period_nanos);
-            (u64::try_from(per_second).unwrap_or(u64::MAX).max(1), 1)
+            let window = self.period_nanos.div_ceil(NANOS_PER_SEC).max(1);
+            let units = u128::from(self.count) * u128::from(window) * u128::from(NANOS_PER_SEC)
+                / u128::from(self.period_nanos);
+            (u64::try_from(units).unwrap_or(u64::MAX).max(1), window)
         }
     }
 }
@@ -323,7 +326,13 @@ mod tests {
         assert_eq!(Quota::per_minute(nz(100)).header_window(), (100, 60));
         let q = Quota::with_period(Duration::from_millis(100));
         assert_eq!(q.map(|q| q.header_window()), Some((10, 1)));
+        // 2 a second over 1.5 s: 4 in 2 s.
         let q = Quota::new(3, Duration::from_millis(1500), 3).map(|q| q.header_window());
-        assert_eq!(q, Ok((2, 1)));
+        assert_eq!(q, Ok((4, 2)));
+        // 0.67 a second: not 1 a second.
+        let q = Quota::new(1, Duration::from_millis(1500), 1).map(|q| q.header_window());
+        assert_eq!(q, Ok((1, 2)));
+        let q = Quota::new(7, Duration::from_millis(2500), 7).map(|q| q.header_window());
+        assert_eq!(q, Ok((8, 3)));
     }
 }
