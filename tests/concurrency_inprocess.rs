@@ -382,3 +382,26 @@ async fn a_tenant_the_table_has_no_seat_for_gets_503_not_its_cap() {
         StatusCode::OK
     );
 }
+
+/// A 503 never says `Retry-After: 0`, whatever the layer was told.
+#[tokio::test(start_paused = true)]
+async fn retry_after_is_never_zero() {
+    let caps = ConcurrencyCapLayer::new(Plan::new("p"))
+        .global_limit(1)
+        .retry_after(Duration::ZERO);
+    let release = Arc::new(Semaphore::new(0));
+    let svc = tower::ServiceBuilder::new()
+        .layer(caps)
+        .service(gated(Arc::default(), Arc::clone(&release)));
+    let held = tokio::spawn(exchange(svc.clone(), request("a", 1)));
+    tokio::task::yield_now().await;
+    let refused = svc
+        .clone()
+        .oneshot(request("b", 2))
+        .await
+        .expect("infallible");
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    release.add_permits(1);
+    assert_eq!(held.await.expect("task"), StatusCode::OK);
+}

@@ -200,10 +200,12 @@ impl<K> ConcurrencyCapLayer<K> {
         self
     }
 
-    /// The `Retry-After` of 503s for the global cap (default one second).
+    /// The `Retry-After` of 503s for the global cap (default one second;
+    /// at least one second, since `Retry-After: 0` invites the retry at
+    /// once).
     #[must_use]
     pub fn retry_after(mut self, wait: Duration) -> Self {
-        self.config.retry_after = wait;
+        self.config.retry_after = wait.max(Duration::from_secs(1));
         self
     }
 

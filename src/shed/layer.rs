@@ -417,10 +417,11 @@ impl<K, P> LoadShedLayer<K, P> {
         self.rebuild(|c| c.queue = (max_waiting > 0).then_some((max_waiting, codel)))
     }
 
-    /// The `Retry-After` of the 503s (default one second).
+    /// The `Retry-After` of the 503s (default one second; at least one
+    /// second, since `Retry-After: 0` invites the retry at once).
     #[must_use]
     pub fn retry_after(self, wait: Duration) -> Self {
-        self.rebuild(|c| c.retry_after = wait)
+        self.rebuild(|c| c.retry_after = wait.max(Duration::from_secs(1)))
     }
 
     /// Reports every decision to `observer` (see [`observe`](crate::observe)).
