@@ -236,6 +236,26 @@ async fn bad_bodies_get_400_and_413() {
     );
 }
 
+/// axum's own refusals come as problems too, like every error of the API.
+#[tokio::test]
+async fn unknown_paths_wrong_methods_and_bad_path_parameters_get_problems() {
+    let (http, _app) = start(options()).await;
+    let auth = [("authorization", "Bearer key-acme-0001")];
+    let wrong_method = http.send("GET", "/v1/purge", &auth, "").await;
+    assert_problem(&wrong_method, StatusCode::METHOD_NOT_ALLOWED, "method");
+    assert_eq!(wrong_method.header("allow"), Some("POST"));
+    assert_problem(
+        &http.send("GET", "/v2/nothing", &auth, "").await,
+        StatusCode::NOT_FOUND,
+        "no such endpoint",
+    );
+    assert_problem(
+        &http.send("PUT", "/v1/admin/tenants/%FF", &auth, "{}").await,
+        StatusCode::BAD_REQUEST,
+        "UTF-8",
+    );
+}
+
 #[tokio::test]
 async fn a_tenant_over_its_request_rate_gets_429_with_the_headers() {
     let (http, _app) = start(options()).await;

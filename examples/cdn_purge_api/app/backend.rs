@@ -75,7 +75,7 @@ impl Backend {
             inner: Arc::new(Inner {
                 config,
                 slots: Arc::new(Semaphore::new(config.concurrency)),
-                bucket: Mutex::new((f64::from(config.items_per_second), Instant::now())),
+                bucket: Mutex::new((capacity(config.items_per_second), Instant::now())),
                 calls: AtomicU64::new(0),
                 items: AtomicU64::new(0),
                 refused: AtomicU64::new(0),
@@ -113,6 +113,13 @@ impl Backend {
     }
 }
 
+/// The most items the backend takes at once: a second's worth, and at
+/// least a full batch (256 items), which a slower budget would otherwise
+/// refuse for ever.
+fn capacity(items_per_second: u32) -> f64 {
+    f64::from(items_per_second).max(256.0)
+}
+
 impl Inner {
     /// Takes `n` items from the budget, or says how long until there are
     /// enough.
@@ -121,7 +128,8 @@ impl Inner {
         let mut bucket = self.bucket.lock();
         let now = Instant::now();
         let (tokens, last) = *bucket;
-        let tokens = (tokens + now.duration_since(last).as_secs_f64() * rate).min(rate);
+        let tokens = (tokens + now.duration_since(last).as_secs_f64() * rate)
+            .min(capacity(self.config.items_per_second));
         let need = n as f64;
         if tokens >= need {
             *bucket = (tokens - need, now);

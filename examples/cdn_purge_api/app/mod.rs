@@ -36,7 +36,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Request, State};
 use axum::http::header::{
-    AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
+    ALLOW, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
 };
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -257,7 +257,8 @@ pub(crate) fn build(config: &Config, options: &Options) -> Result<App, BuildErro
         .route("/v1/stats", get(stats_handler))
         .route("/v1/admin/tenants/{id}", put(admin_handler))
         .merge(purge)
-        .with_state(Arc::clone(&state));
+        .with_state(Arc::clone(&state))
+        .layer(middleware::map_response(as_problem));
     Ok(App { router, state })
 }
 
@@ -379,6 +380,62 @@ fn problem(status: StatusCode, detail: &str) -> Response {
         HeaderValue::from_static("application/problem+json"),
     );
     response
+}
+
+/// axum's own refusals (an empty 404 for an unknown path, 405 for a wrong
+/// method, a text 400 for a malformed path parameter) as problems too:
+/// every error of this API is `application/problem+json`.
+async fn as_problem(response: Response) -> Response {
+    let status = response.status();
+    let is_problem = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_problem {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 4096)
+        .await
+        .ok()
+        .and_then(|b| String::from_utf8(b.to_vec()).ok())
+        .filter(|t| !t.trim().is_empty());
+    let detail = match (text, status) {
+        (Some(text), _) => text.trim().to_owned(),
+        (None, StatusCode::NOT_FOUND) => "no such endpoint".to_owned(),
+        (None, StatusCode::METHOD_NOT_ALLOWED) => {
+            "this endpoint does not take this method".to_owned()
+        }
+        (None, _) => status.canonical_reason().unwrap_or("error").to_owned(),
+    };
+    let mut problem = problem(status, &detail);
+    // A 405 says what the endpoint takes.
+    if let Some(allow) = parts.headers.get(ALLOW) {
+        problem.headers_mut().insert(ALLOW, allow.clone());
+    }
+    problem
+}
+
+/// The request's body, up to `max` bytes: 413 past that, 400 if it could
+/// not be read (the client went away, a broken chunked encoding).
+async fn read_body(req: Request, max: usize) -> Result<Bytes, Response> {
+    axum::body::to_bytes(req.into_body(), max)
+        .await
+        .map_err(|e| {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                problem(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &format!("the body is larger than {max} bytes"),
+                )
+            } else {
+                problem(
+                    StatusCode::BAD_REQUEST,
+                    &format!("the body could not be read: {e}"),
+                )
+            }
+        })
 }
 
 fn unauthorized(detail: &str) -> Response {
@@ -588,14 +645,9 @@ async fn purge_handler(State(state): State<Arc<AppState>>, req: Request) -> Resp
             &format!("the body is larger than {MAX_BODY} bytes"),
         );
     }
-    let body: Bytes = match axum::body::to_bytes(req.into_body(), MAX_BODY).await {
+    let body = match read_body(req, MAX_BODY).await {
         Ok(body) => body,
-        Err(_) => {
-            return problem(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &format!("the body is larger than {MAX_BODY} bytes"),
-            );
-        }
+        Err(response) => return response,
     };
     let (targets, mode) = match request::parse(&body) {
         Ok(parsed) => parsed,
@@ -751,9 +803,9 @@ async fn admin_handler(
     let Some(entry) = state.tenants.get(&tenant) else {
         return problem(StatusCode::NOT_FOUND, &format!("no tenant `{id}`"));
     };
-    let body = match axum::body::to_bytes(req.into_body(), MAX_BODY).await {
+    let body = match read_body(req, MAX_BODY).await {
         Ok(body) => body,
-        Err(_) => return problem(StatusCode::PAYLOAD_TOO_LARGE, "the body is too large"),
+        Err(response) => return response,
     };
     let change: TenantChange = match serde_json::from_slice(&body) {
         Ok(change) => change,
