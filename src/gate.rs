@@ -134,6 +134,14 @@ pub(crate) fn acquire_locked(
         {
             return Locked::Moved;
         }
+        if current & QUEUED != 0 && count(current) < cap && !force {
+            // Room while others wait: the cap grew (a policy change) since
+            // they queued, and a release only hands its own unit on. The
+            // oldest go first, before this request.
+            grant_waiting(word, cap, queue);
+            current = word.load(Ordering::Acquire);
+            continue;
+        }
         let in_use = count(current);
         let queued = current & QUEUED != 0;
         if !queued && (in_use < cap || force) && u64::from(in_use) < COUNT {
@@ -164,6 +172,25 @@ pub(crate) fn acquire_locked(
         let waiter = Arc::new(Waiter::new());
         queue.push_back(Arc::clone(&waiter));
         return Locked::Queued(waiter);
+    }
+}
+
+/// Lets the oldest waiters go while fewer than `cap` units are in use (then
+/// drops the queued flag if nobody waits any more). Called with the lock
+/// that guards `queue`, with the flag up: nobody else changes the count.
+/// Wakes them at once (waking only schedules their tasks).
+fn grant_waiting(word: &AtomicU64, cap: u32, queue: &mut VecDeque<Arc<Waiter>>) {
+    while count(word.load(Ordering::Acquire)) < cap {
+        let Some(waiter) = queue.pop_front() else {
+            break;
+        };
+        if waiter.try_grant() {
+            word.fetch_add(1, Ordering::AcqRel);
+            waiter.wake();
+        }
+    }
+    if queue.is_empty() {
+        word.fetch_and(!QUEUED, Ordering::AcqRel);
     }
 }
 

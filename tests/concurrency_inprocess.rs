@@ -405,3 +405,41 @@ async fn retry_after_is_never_zero() {
     release.add_permits(1);
     assert_eq!(held.await.expect("task"), StatusCode::OK);
 }
+
+/// Raising a tenant's cap at run time lets its waiters in as soon as the
+/// next request arrives, not one at a time as requests finish.
+#[tokio::test(start_paused = true)]
+async fn a_raised_cap_lets_waiters_in() {
+    let policy = tower_floodgate::PolicyHandle::from(Plan::new("p").concurrency(1));
+    let caps = ConcurrencyCapLayer::new(policy.clone())
+        .key(key::header(TENANT))
+        .queue(8, Duration::from_secs(10));
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let release = Arc::new(Semaphore::new(0));
+    let svc = tower::ServiceBuilder::new()
+        .layer(caps.clone())
+        .service(gated(Arc::clone(&order), Arc::clone(&release)));
+    let mut tasks = Vec::new();
+    for id in 0..4 {
+        tasks.push(tokio::spawn(exchange(svc.clone(), request("a", id))));
+        tokio::task::yield_now().await;
+    }
+    let stats = caps.stats();
+    assert_eq!((stats.tenants_in_flight, stats.waiting), (1, 3));
+    policy
+        .update(|p| p.tier(Plan::new("p").concurrency(4)))
+        .expect("policy");
+    // The next request finds room under the new cap: the three waiting go
+    // in first, and it waits its turn.
+    tasks.push(tokio::spawn(exchange(svc.clone(), request("a", 4))));
+    for _ in 0..4 {
+        tokio::task::yield_now().await;
+    }
+    let stats = caps.stats();
+    assert_eq!((stats.tenants_in_flight, stats.waiting), (4, 1));
+    assert_eq!(*order.lock().expect("lock"), [0, 1, 2, 3]);
+    release.add_permits(5);
+    for task in tasks {
+        assert_eq!(task.await.expect("task"), StatusCode::OK);
+    }
+}
