@@ -339,6 +339,33 @@ async fn a_waiting_sheddable_request_never_holds_up_more_important_ones() {
     assert_eq!((shed.stats().in_flight, shed.stats().waiting), (0, 0));
 }
 
+/// In shadow mode a request over its ceiling is admitted and counted as
+/// the refusal it would have been.
+#[tokio::test(start_paused = true)]
+async fn shadow_mode_admits_and_counts_what_it_would_shed() {
+    let shed = LoadShedLayer::new(Limit::fixed(2))
+        .fairness(false)
+        .shadow(true);
+    let gate = Arc::new(Semaphore::new(0));
+    let svc = tower::ServiceBuilder::new()
+        .layer(shed.clone())
+        .service(held(Arc::clone(&gate)));
+    let mut running = Vec::new();
+    for i in 0..3 {
+        running.push(start(&svc, request(&format!("t{i}"), Priority::Normal)).await);
+    }
+    let stats = shed.stats();
+    // Normal requests may use both units (the reserve rounds down to 0).
+    assert_eq!(
+        (stats.in_flight, stats.shadow_rejected, stats.shed_capacity),
+        (3, 1, 0)
+    );
+    gate.add_permits(3);
+    for task in running {
+        assert_eq!(task.await.expect("task"), StatusCode::OK);
+    }
+}
+
 /// Requests abandoned at random points (queued, in the handler, mid-body):
 /// every unit comes back.
 #[tokio::test(start_paused = true)]

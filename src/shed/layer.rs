@@ -831,10 +831,21 @@ impl<K, P> Shared<K, P> {
                     .emit(|| Event::new(LayerKind::LoadShed, Decision::Admitted, key));
             }
         };
+        // In shadow mode everything is admitted; one over its ceiling is
+        // reported as the refusal it would have been.
+        let shadow_refused = |count: u32, reported: bool| {
+            if shadow && count >= ceiling && !reported {
+                let rejection =
+                    runtime.overloaded(key, priority, ShedReason::Capacity, count, limit);
+                runtime.refuse(&rejection, &runtime.shed_capacity, &self.observer, None);
+                return true;
+            }
+            reported
+        };
         match gate::try_acquire(&runtime.word, ceiling, shadow) {
-            Fast::Done(_) => {
+            Fast::Done(before) => {
                 held.global = true;
-                admitted(reported);
+                admitted(shadow_refused(before, reported));
                 return Admit::Now(held);
             }
             Fast::Full if config.queue.is_none() => {}
@@ -865,7 +876,7 @@ impl<K, P> Shared<K, P> {
                 ) {
                     Ok(_) => {
                         held.global = true;
-                        admitted(reported);
+                        admitted(shadow_refused(count, reported));
                         return Admit::Now(held);
                     }
                     Err(actual) => {
