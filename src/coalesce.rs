@@ -147,10 +147,7 @@ pub struct CoalesceLayer<K = DefaultKey, T = ExtensionTenant> {
     tenant: T,
     mode: JoinMode,
     max_body: usize,
-    /// The calls in flight (and the counters), shared by every service
-    /// the layer makes: one state for every `layer()` call, so that
-    /// identical requests to two routes share too.
-    flights: Arc<Flights>,
+    stats: Arc<Counters>,
     observer: Hook,
 }
 
@@ -163,11 +160,7 @@ impl CoalesceLayer {
             tenant: ExtensionTenant,
             mode,
             max_body: DEFAULT_MAX_BODY,
-            flights: Arc::new(Flights {
-                keys: Mutex::new(HashMap::new()),
-                stats: Arc::default(),
-                next_id: AtomicU64::new(1),
-            }),
+            stats: Arc::default(),
             observer: Hook::default(),
         }
     }
@@ -182,7 +175,7 @@ impl<K, T> CoalesceLayer<K, T> {
             tenant: self.tenant,
             mode: self.mode,
             max_body: self.max_body,
-            flights: self.flights,
+            stats: self.stats,
             observer: self.observer,
         }
     }
@@ -198,7 +191,7 @@ impl<K, T> CoalesceLayer<K, T> {
             tenant: ExtractedTenant(extractor),
             mode: self.mode,
             max_body: self.max_body,
-            flights: self.flights,
+            stats: self.stats,
             observer: self.observer,
         }
     }
@@ -224,12 +217,12 @@ impl<K, T> CoalesceLayer<K, T> {
     /// Counters, shared by every service made by this layer and its clones.
     #[must_use]
     pub fn stats(&self) -> CoalesceStats {
-        self.flights.stats.snapshot()
+        self.stats.snapshot()
     }
 
     /// What [`stats`](Self::stats) reads, for a dashboard.
     pub(crate) fn stats_source(&self) -> impl Fn() -> CoalesceStats + Send + Sync + 'static {
-        let stats = Arc::clone(&self.flights.stats);
+        let stats = Arc::clone(&self.stats);
         move || stats.snapshot()
     }
 }
@@ -511,7 +504,14 @@ where
             tenant: self.tenant.clone(),
             mode: self.mode,
             max_body: self.max_body,
-            flights: Arc::clone(&self.flights),
+            // Calls in flight are per service: axum makes one per route,
+            // and strips a nested router's prefix from the URI the key
+            // reads, so two routes' requests must never share a call.
+            flights: Arc::new(Flights {
+                keys: Mutex::new(HashMap::new()),
+                stats: Arc::clone(&self.stats),
+                next_id: AtomicU64::new(1),
+            }),
             observer: self.observer.clone(),
         }
     }
