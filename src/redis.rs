@@ -29,7 +29,8 @@
 //!   sends the caller's instead, for Redis flavours that refuse `TIME` in
 //!   scripts. The quota and cost travel with every call, so tiers and
 //!   policy changes need nothing in Redis: a tenant whose quota changed
-//!   keeps the units it has in use (up to the new burst), as in memory. A tenant's key
+//!   keeps the units it has in use (up to the new burst), as in memory,
+//!   from its next request on (in memory, at once). A tenant's key
 //!   expires when its bucket is full again: Redis holds nothing for idle
 //!   tenants.
 //! * **Keys** are `prefix{tenant}`: the hash tag puts each tenant in one
@@ -54,7 +55,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use ::redis::Script;
@@ -68,14 +69,18 @@ use crate::quota::Quota;
 
 /// The GCRA step, on integer microseconds.
 ///
-/// KEYS[1]: the tenant's key, holding `TAT:interval` (µs). ARGV: emission
+/// KEYS[1]: the tenant's key, holding `TAT:interval:tolerance` (µs; keys of
+/// earlier versions have no tolerance). ARGV: emission
 /// interval (µs), tolerance (µs), cost, and the caller's clock (µs since the
 /// epoch) or "" for Redis' own. A TAT stored under another interval (the
 /// tenant's quota changed) is rescaled so that the tenant keeps the same
-/// number of units in use, and any debt is capped at the tolerance (the
-/// burst may have shrunk), as the in-memory store does; a rescaled TAT is
-/// stored even when the step is refused, so that a downgraded tenant's key
-/// lives as long as its new debt, not its old one.
+/// number of units in use, and capped at the tolerance, as is a TAT stored
+/// under a larger tolerance (the burst shrank), as the in-memory store does.
+/// Only then: with the caller's clock, a node whose clock is behind sees
+/// more debt than the tolerance, and capping it would forgive debt that
+/// the other nodes then admit again. A rescaled TAT is stored even when the
+/// step is refused, so that a downgraded tenant's key lives as long as its
+/// new debt, not its old one.
 /// Returns `{allowed (1/0), debt (µs: TAT − now after the step), wait (µs)}`.
 const GCRA: &str = r"
 local interval = tonumber(ARGV[1])
@@ -92,19 +97,25 @@ local tat = now
 local rescaled = false
 local stored = redis.call('GET', KEYS[1])
 if stored then
-  local t, i = string.match(stored, '^(%d+):(%d+)$')
+  local t, i, tol = string.match(stored, '^(%d+):(%d+):?(%d*)$')
   if t then
     tat = tonumber(t)
     local old = tonumber(i)
+    local old_tolerance = tonumber(tol)
     if tat > now then
       local debt = tat - now
+      local changed = false
       if old ~= interval and old > 0 then
         debt = math.floor(debt / old * interval)
+        changed = true
       end
-      if debt > tolerance then
-        debt = tolerance
+      if old_tolerance ~= nil and old_tolerance > tolerance then
+        changed = true
       end
-      if now + debt ~= tat or old ~= interval then
+      if changed then
+        if debt > tolerance then
+          debt = tolerance
+        end
         tat = now + debt
         rescaled = true
       end
@@ -120,11 +131,11 @@ end
 local new_tat = tat + interval * cost
 local allow_at = new_tat - tolerance
 if allow_at <= now then
-  redis.call('SET', KEYS[1], string.format('%d:%d', new_tat, interval), 'PX', math.ceil((new_tat - now) / 1000))
+  redis.call('SET', KEYS[1], string.format('%d:%d:%d', new_tat, interval, tolerance), 'PX', math.ceil((new_tat - now) / 1000))
   return {1, new_tat - now, 0}
 end
 if rescaled then
-  redis.call('SET', KEYS[1], string.format('%d:%d', tat, interval), 'PX', math.max(1, math.ceil((tat - now) / 1000)))
+  redis.call('SET', KEYS[1], string.format('%d:%d:%d', tat, interval, tolerance), 'PX', math.max(1, math.ceil((tat - now) / 1000)))
 end
 return {0, tat - now, allow_at - now}
 ";
@@ -195,19 +206,26 @@ impl Default for RedisConfig {
 #[error("invalid Redis configuration: {0}")]
 pub struct RedisStoreError(#[from] ::redis::RedisError);
 
-type ClusterCell = OnceCell<::redis::cluster_async::ClusterConnection>;
+/// A cluster connection, built once by a task of its own.
+#[derive(Default)]
+struct ClusterCell {
+    connection: OnceCell<::redis::cluster_async::ClusterConnection>,
+    /// Whether a task is building it.
+    connecting: AtomicBool,
+}
 
 /// The connection, replaced by a fresh one whenever the breaker opens: a
 /// connection that stopped answering without closing (a dead NAT entry, a
 /// failed-over address) only ever times out, which the client does not
-/// treat as a reason to reconnect.
+/// treat as a reason to reconnect. A fresh connection is built by a task of
+/// its own, one at a time, so that a decision's timeout (20 ms by default)
+/// never cuts short the few round trips it takes; decisions keep using the
+/// old one until it is ready.
 #[derive(Clone)]
 enum Connection {
     Single(Arc<Single>),
     Cluster {
         client: Arc<::redis::cluster::ClusterClient>,
-        /// Built by a task of its own, so that a decision's timeout (20 ms
-        /// by default) never cuts short the few round trips it takes.
         connection: Arc<ArcSwap<ClusterCell>>,
     },
 }
@@ -217,23 +235,34 @@ struct Single {
     client: ::redis::Client,
     config: ConnectionManagerConfig,
     manager: ArcSwap<ConnectionManager>,
+    /// Whether a task is connecting afresh.
+    reconnecting: AtomicBool,
 }
 
 impl Connection {
-    /// Drops the connection in use for a fresh one (connected on first
-    /// use).
+    /// Starts replacing the connection in use by a fresh one, unless that
+    /// is under way already. Must be called within a tokio runtime.
     fn replace(&self) {
         match self {
             Self::Single(single) => {
-                if let Ok(fresh) = ConnectionManager::new_lazy_with_config(
-                    single.client.clone(),
-                    single.config.clone(),
-                ) {
-                    single.manager.store(Arc::new(fresh));
+                if single.reconnecting.swap(true, Ordering::AcqRel) {
+                    return;
                 }
+                let single = Arc::clone(single);
+                tokio::spawn(async move {
+                    let fresh = ConnectionManager::new_with_config(
+                        single.client.clone(),
+                        single.config.clone(),
+                    )
+                    .await;
+                    if let Ok(fresh) = fresh {
+                        single.manager.store(Arc::new(fresh));
+                    }
+                    single.reconnecting.store(false, Ordering::Release);
+                });
             }
             Self::Cluster { connection, .. } => {
-                connection.store(Arc::new(OnceCell::new()));
+                connection.store(Arc::new(ClusterCell::default()));
             }
         }
     }
@@ -285,6 +314,7 @@ impl RedisStore {
                 client,
                 config: manager_config,
                 manager: ArcSwap::from_pointee(manager),
+                reconnecting: AtomicBool::new(false),
             })),
             config,
         })
@@ -308,7 +338,7 @@ impl RedisStore {
         Ok(Self {
             connection: Connection::Cluster {
                 client: Arc::new(client),
-                connection: Arc::new(ArcSwap::from_pointee(OnceCell::new())),
+                connection: Arc::new(ArcSwap::from_pointee(ClusterCell::default())),
             },
             config,
         })
@@ -522,15 +552,23 @@ impl RedisBackend {
                 }
                 Connection::Cluster { client, connection } => {
                     let cell = connection.load_full();
-                    if !cell.initialized() {
-                        // Connect in a task of its own, which outlives this
-                        // decision's timeout; wait for it meanwhile.
+                    if !cell.connection.initialized()
+                        && !cell.connecting.swap(true, Ordering::AcqRel)
+                    {
+                        // Connect in a task of its own (one at a time),
+                        // which outlives this decision's timeout; wait for
+                        // it meanwhile.
                         let (cell, client) = (Arc::clone(&cell), Arc::clone(client));
                         tokio::spawn(async move {
-                            let _ = cell.get_or_try_init(|| client.get_async_connection()).await;
+                            let _ = cell
+                                .connection
+                                .get_or_try_init(|| client.get_async_connection())
+                                .await;
+                            cell.connecting.store(false, Ordering::Release);
                         });
                     }
                     let connection = cell
+                        .connection
                         .get_or_try_init(|| client.get_async_connection())
                         .await?;
                     let mut connection = connection.clone();
@@ -612,7 +650,7 @@ mod tests {
                     ::redis::cluster::ClusterClient::new(vec!["redis://127.0.0.1:1"])
                         .unwrap_or_else(|e| unreachable!("{e}")),
                 ),
-                connection: Arc::new(ArcSwap::from_pointee(OnceCell::new())),
+                connection: Arc::new(ArcSwap::from_pointee(ClusterCell::default())),
             },
             config: RedisConfig {
                 prefix: "p:".into(),

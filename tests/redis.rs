@@ -176,6 +176,35 @@ async fn a_downgrade_lasts_as_long_on_redis_as_in_memory() {
     assert!(admitted.iter().all(|n| (2..=4).contains(n)), "{admitted:?}");
 }
 
+/// A smaller burst caps the debt at once, on Redis as in memory.
+#[tokio::test]
+async fn a_smaller_burst_caps_the_debt_on_redis_as_in_memory() {
+    redis().await;
+    let plan = |burst| Plan::new("p").rate(Quota::per_second(nz(10)).allow_burst(nz(burst)));
+    let (on_redis, in_memory) = (PolicyHandle::from(plan(10)), PolicyHandle::from(plan(10)));
+    let redis = limiter(on_redis.clone(), config("burst"));
+    let memory = RateLimiter::builder(in_memory.clone()).build();
+    let mut admitted = Vec::new();
+    for (limiter, policy) in [(&redis, &on_redis), (&memory, &in_memory)] {
+        // The whole burst: a second of debt, capped at 200 ms by a burst of 2.
+        assert!(limiter.check_async("a", 10).await.is_ok());
+        policy.update(|p| p.tier(plan(2))).expect("policy");
+        // (Redis caps it at the tenant's next request, memory at once.)
+        assert!(limiter.check_async("a", 1).await.is_err());
+        admitted.push(0);
+    }
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    for (n, limiter) in admitted.iter_mut().zip([&redis, &memory]) {
+        for _ in 0..5 {
+            if limiter.check_async("a", 1).await.is_ok() {
+                *n += 1;
+            }
+        }
+    }
+    // 250 ms after a debt of 200 ms: the burst of 2 is back, not nothing.
+    assert!(admitted.iter().all(|n| (1..=2).contains(n)), "{admitted:?}");
+}
+
 #[tokio::test]
 async fn keys_expire_when_the_tenant_is_idle() {
     let mut redis = redis().await;
