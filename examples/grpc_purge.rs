@@ -15,9 +15,10 @@
 //! floodgate.purge.v1.PurgeService/Purge`).
 //!
 //! Status codes: UNAUTHENTICATED (no or unknown key), INVALID_ARGUMENT (bad
-//! targets), RESOURCE_EXHAUSTED (rate limit, concurrency cap, item rate,
-//! with `grpc-retry-pushback-ms`), UNAVAILABLE (shed, or the backend over
-//! capacity, with `grpc-retry-pushback-ms`).
+//! targets), RESOURCE_EXHAUSTED (rate limit and item rate, with
+//! `grpc-retry-pushback-ms`; concurrency cap, without: there is no known
+//! wait), UNAVAILABLE (shed, or the backend over capacity, with
+//! `grpc-retry-pushback-ms`).
 
 #[allow(dead_code)]
 #[path = "cdn_purge_api/app/mod.rs"]

@@ -565,7 +565,9 @@ pub struct PeerAddr {
 /// extension. IPv4-mapped IPv6 addresses count as their IPv4 address.
 ///
 /// Behind a reverse proxy every request has the proxy's address; use
-/// [`header`] with the header the proxy sets instead.
+/// [`header`] with the header the proxy sets instead. A tonic server with
+/// TLS stores its address as `TlsConnectInfo<TcpConnectInfo>`, which this
+/// extractor does not read: there, use [`from_fn`] over that extension.
 ///
 /// ```
 /// use std::net::SocketAddr;

@@ -725,12 +725,10 @@ impl Summary {
     }
 }
 
-/// The key a counter keeps: a long key is copied, so that the summary never
-/// holds on to a larger buffer the key may be a slice of.
+/// The key a counter keeps: a copy (inline, without allocating, for a short
+/// key), so that the summary never holds on to a larger buffer the key may
+/// be a slice of, whatever its length.
 fn owned_key(key: &TenantKey) -> TenantKey {
-    if key.len() <= INLINE_KEY {
-        return key.clone();
-    }
     let copy = TenantKey::copy_from_slice(key.as_bytes());
     if key.is_sensitive() {
         copy.sensitive()
@@ -925,6 +923,20 @@ mod tests {
                 .iter()
                 .all(|h| h.count.saturating_sub(h.error) <= 1)
         );
+    }
+
+    #[test]
+    fn short_keys_sliced_from_a_large_buffer_do_not_keep_it() {
+        let (top, _time) = manual(TopTenants::builder().shards(1).buckets(1).capacity(8));
+        let parents: Vec<bytes::Bytes> = (0..16u8)
+            .map(|i| bytes::Bytes::from(vec![b'a' + i; 64 * 1024]))
+            .collect();
+        for parent in &parents {
+            top.record(&TenantKey::from(parent.slice(0..8)), false);
+        }
+        // The counters hold copies: every parent is referenced only here.
+        assert!(parents.into_iter().all(|p| p.is_unique()));
+        assert_eq!(top.snapshot(16).by_requests.len(), 8);
     }
 
     #[test]
