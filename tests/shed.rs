@@ -132,6 +132,33 @@ async fn under_overload_critical_is_served_and_sheddable_is_refused() {
     assert_eq!(shed.stats().shed_capacity, 3);
 }
 
+/// At a small limit (as an adaptive limit backs off to) critical traffic
+/// keeps a unit of its own: 10% of 3 rounds down to nothing, but normal
+/// requests may still use only 2 of the 3.
+#[tokio::test(start_paused = true)]
+async fn a_small_limit_still_keeps_a_unit_for_critical_traffic() {
+    let shed = LoadShedLayer::new(Limit::fixed(3)).fairness(false);
+    let gate = Arc::new(Semaphore::new(0));
+    let svc = tower::ServiceBuilder::new()
+        .layer(shed.clone())
+        .service(held(Arc::clone(&gate)));
+    let mut running = Vec::new();
+    for i in 0..2 {
+        running.push(start(&svc, request(&format!("t{i}"), Priority::Normal)).await);
+    }
+    assert_eq!(
+        status_of(&svc, request("t2", Priority::Normal)).await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    running.push(start(&svc, request("admin", Priority::Critical)).await);
+    assert_eq!(shed.stats().in_flight, 3);
+    gate.add_permits(3);
+    for task in running {
+        assert_eq!(task.await.expect("task"), StatusCode::OK);
+    }
+    assert_eq!((shed.stats().in_flight, shed.stats().shed_capacity), (0, 1));
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_flooding_tenant_is_shed_before_a_light_one() {
     // Normal capacity 9; pressure from 7 in flight.
@@ -355,10 +382,10 @@ async fn shadow_mode_admits_and_counts_what_it_would_shed() {
         running.push(start(&svc, request(&format!("t{i}"), Priority::Normal)).await);
     }
     let stats = shed.stats();
-    // Normal requests may use both units (the reserve rounds down to 0).
+    // Normal requests may use one unit: the other is critical traffic's.
     assert_eq!(
         (stats.in_flight, stats.shadow_rejected, stats.shed_capacity),
-        (3, 1, 0)
+        (3, 2, 0)
     );
     gate.add_permits(3);
     for task in running {

@@ -130,10 +130,16 @@ impl Runtime {
     }
 
     /// The most requests of `priority` admitted at once under `limit`: all
-    /// of it for critical ones, all but the (rounded down) reserve for
-    /// normal ones, a share of that for sheddable ones.
+    /// of it for critical ones, all but the reserve for normal ones, a
+    /// share of that for sheddable ones. The reserve is rounded down, but
+    /// is at least one unit once the limit is 2 or more (and the reserve's
+    /// share not 0), so that critical traffic keeps room at small limits
+    /// too, as an adaptive limit backs off to.
     fn ceiling(&self, priority: Priority, limit: u32) -> u32 {
-        let reserve = share_of(limit, self.config.critical_reserve);
+        let mut reserve = share_of(limit, self.config.critical_reserve);
+        if self.config.critical_reserve > 0 && limit >= 2 {
+            reserve = reserve.max(1);
+        }
         let normal = limit.saturating_sub(reserve);
         match priority {
             Priority::Critical => limit,
@@ -387,7 +393,10 @@ impl<K, P> LoadShedLayer<K, P> {
         }
     }
 
-    /// The share of the limit only critical requests may use (default 0.1).
+    /// The share of the limit only critical requests may use (default 0.1),
+    /// rounded down but at least one unit once the limit is 2 or more, so
+    /// that critical traffic keeps room at the small limits an adaptive
+    /// limit backs off to. 0 reserves nothing.
     #[must_use]
     pub fn critical_reserve(self, share: f64) -> Self {
         self.rebuild(|c| c.critical_reserve = to_share(share))
