@@ -24,6 +24,7 @@
 //! ```text
 //! cargo bench --bench http                   # 40 rounds of 40,000 requests
 //! FLOODGATE_HTTP_ROUNDS=4 FLOODGATE_HTTP_REQUESTS=20000 cargo bench --bench http
+//! FLOODGATE_HTTP_ROUNDS=0 cargo bench --bench http   # instructions only
 //! ```
 //!
 //! Then, where valgrind is installed, each server once more under
@@ -481,12 +482,17 @@ fn paired(of: &[Round], to: &[Round], f: impl Fn(f64, f64) -> f64) -> Vec<f64> {
 }
 
 fn run(rounds: usize, requests: usize) {
-    let servers: Vec<Server> = CONFIGS.iter().map(|c| Server::start(c)).collect();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .expect("runtime");
+    if rounds == 0 {
+        // Instructions only.
+        count_instructions(&runtime, requests.min(5_000));
+        return;
+    }
+    let servers: Vec<Server> = CONFIGS.iter().map(|c| Server::start(c)).collect();
     println!(
         "{rounds} rounds of {requests} requests per configuration, {CONNECTIONS} connections, \
          {TENANTS} tenants; server: 1 tokio worker, client: 1 tokio worker"
