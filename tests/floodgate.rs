@@ -75,7 +75,9 @@ fn layers(max_key_len: usize) -> Layers {
             .global_limit(64)
             .key(key::header(TENANT))
             .max_key_len(max_key_len),
+        // No critical reserve: normal requests may use all three units.
         shed: LoadShedLayer::new(Limit::fixed(3))
+            .critical_reserve(0.0)
             .policy(policy)
             .key(key::header(TENANT)),
         time,
