@@ -84,6 +84,7 @@ impl TenantKey {
 
     /// A key holding a copy of `bytes`.
     #[must_use]
+    #[inline]
     pub fn copy_from_slice(bytes: &[u8]) -> Self {
         if bytes.len() <= INLINE {
             let mut buf = [0; INLINE];
@@ -139,6 +140,7 @@ impl TenantKey {
 
     /// Whether the key has no bytes.
     #[must_use]
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -257,6 +259,7 @@ impl From<Bytes> for TenantKey {
 }
 
 impl From<&HeaderValue> for TenantKey {
+    #[inline]
     fn from(value: &HeaderValue) -> Self {
         Self::copy_from_slice(value.as_bytes())
     }
@@ -294,11 +297,24 @@ display_keys!(u16, u32, u64, u128, i32, i64, IpAddr);
 pub trait AsTenantKey {
     /// The tenant this value identifies.
     fn tenant_key(&self) -> TenantKey;
+
+    /// The bytes of [`tenant_key`](Self::tenant_key), borrowed, if the
+    /// value holds them as they are (see [`KeyExtractor::key_bytes`]).
+    /// `None` by default.
+    #[inline]
+    fn key_bytes(&self) -> Option<&[u8]> {
+        None
+    }
 }
 
 impl AsTenantKey for TenantKey {
     fn tenant_key(&self) -> TenantKey {
         self.clone()
+    }
+
+    #[inline]
+    fn key_bytes(&self) -> Option<&[u8]> {
+        Some(self.as_bytes())
     }
 }
 
@@ -306,17 +322,32 @@ impl AsTenantKey for String {
     fn tenant_key(&self) -> TenantKey {
         TenantKey::from(self.as_str())
     }
+
+    #[inline]
+    fn key_bytes(&self) -> Option<&[u8]> {
+        Some(self.as_bytes())
+    }
 }
 
 impl AsTenantKey for std::sync::Arc<str> {
     fn tenant_key(&self) -> TenantKey {
         TenantKey::from(&**self)
     }
+
+    #[inline]
+    fn key_bytes(&self) -> Option<&[u8]> {
+        Some(self.as_bytes())
+    }
 }
 
 impl AsTenantKey for &'static str {
     fn tenant_key(&self) -> TenantKey {
         TenantKey::from_static(self)
+    }
+
+    #[inline]
+    fn key_bytes(&self) -> Option<&[u8]> {
+        Some(self.as_bytes())
     }
 }
 
@@ -357,6 +388,20 @@ pub trait KeyExtractor<Req: ?Sized> {
     /// 401 by default), [`KeyError::Invalid`] when it has a malformed one
     /// (400).
     fn extract(&self, req: &Req) -> Result<TenantKey, KeyError>;
+
+    /// The bytes [`extract`](Self::extract) would give as the key, borrowed
+    /// from `req`, for extractors that can lend them without building a
+    /// [`TenantKey`]: the layers' common case hashes them and builds the key
+    /// itself only when it needs one (a refusal, an observer).
+    ///
+    /// Must agree with `extract`: the same bytes when it gives a key, and
+    /// `None` when it gives an error. `None` by default, and the layers
+    /// then call `extract`.
+    #[inline]
+    fn key_bytes<'r>(&self, req: &'r Req) -> Option<&'r [u8]> {
+        let _ = req;
+        None
+    }
 
     /// The `WWW-Authenticate` challenge to send with the 401 answering a
     /// request without a key (RFC 9110 §15.5.2), if this extractor reads a
@@ -423,6 +468,14 @@ where
             None => Err(KeyError::Missing),
         }
     }
+
+    #[inline]
+    fn key_bytes<'r>(&self, req: &'r http::Request<B>) -> Option<&'r [u8]> {
+        req.extensions()
+            .get::<T>()?
+            .key_bytes()
+            .filter(|bytes| !bytes.is_empty())
+    }
 }
 
 /// Reads one header. See [`header`].
@@ -456,12 +509,12 @@ pub fn header(name: HeaderName) -> Header {
 /// for the lookup.
 const SCAN_HEADERS: usize = 12;
 
-impl<B> KeyExtractor<http::Request<B>> for Header {
+impl Header {
+    /// The header's one value, or why there is none.
     #[inline]
-    fn extract(&self, req: &http::Request<B>) -> Result<TenantKey, KeyError> {
+    fn find<'r>(&self, headers: &'r http::HeaderMap) -> Result<&'r HeaderValue, KeyError> {
         const TWICE: KeyError = KeyError::Invalid("the tenant header appears more than once");
-        let headers = req.headers();
-        let value = if headers.keys_len() <= SCAN_HEADERS {
+        if headers.keys_len() <= SCAN_HEADERS {
             let mut found = None;
             for (name, value) in headers {
                 if *name == self.name {
@@ -471,16 +524,28 @@ impl<B> KeyExtractor<http::Request<B>> for Header {
                     found = Some(value);
                 }
             }
-            found.ok_or(KeyError::Missing)?
+            found.ok_or(KeyError::Missing)
         } else {
             let mut values = headers.get_all(&self.name).iter();
             let value = values.next().ok_or(KeyError::Missing)?;
             if values.next().is_some() {
                 return Err(TWICE);
             }
-            value
-        };
-        non_empty(TenantKey::from(value))
+            Ok(value)
+        }
+    }
+}
+
+impl<B> KeyExtractor<http::Request<B>> for Header {
+    #[inline]
+    fn extract(&self, req: &http::Request<B>) -> Result<TenantKey, KeyError> {
+        non_empty(TenantKey::from(self.find(req.headers())?))
+    }
+
+    #[inline]
+    fn key_bytes<'r>(&self, req: &'r http::Request<B>) -> Option<&'r [u8]> {
+        let value = self.find(req.headers()).ok()?.as_bytes();
+        (!value.is_empty()).then_some(value)
     }
 }
 
@@ -513,38 +578,48 @@ pub fn bearer() -> Bearer {
 
 impl<B> KeyExtractor<http::Request<B>> for Bearer {
     fn extract(&self, req: &http::Request<B>) -> Result<TenantKey, KeyError> {
-        let mut values = req.headers().get_all(AUTHORIZATION).iter();
-        let value = values.next().ok_or(KeyError::Missing)?;
-        if values.next().is_some() {
-            return Err(KeyError::Invalid(
-                "the Authorization header appears more than once",
-            ));
-        }
-        let bytes = value.as_bytes().trim_ascii();
-        if bytes.eq_ignore_ascii_case(b"bearer") {
-            return Err(KeyError::Invalid("the bearer token is empty"));
-        }
-        let Some((scheme, token)) = bytes.split_at_checked(7) else {
-            return Err(KeyError::Missing);
-        };
-        if !scheme.eq_ignore_ascii_case(b"bearer ") {
-            return Err(KeyError::Missing);
-        }
-        let token = token.trim_ascii();
-        if token.is_empty() {
-            return Err(KeyError::Invalid("the bearer token is empty"));
-        }
-        if !token.iter().all(|&b| is_token68(b)) {
-            return Err(KeyError::Invalid(
-                "the bearer token has characters outside RFC 6750's token68",
-            ));
-        }
-        Ok(TenantKey::copy_from_slice(token).sensitive())
+        Ok(TenantKey::copy_from_slice(bearer_token(req.headers())?).sensitive())
+    }
+
+    #[inline]
+    fn key_bytes<'r>(&self, req: &'r http::Request<B>) -> Option<&'r [u8]> {
+        bearer_token(req.headers()).ok()
     }
 
     fn challenge(&self) -> Option<http::HeaderValue> {
         Some(http::HeaderValue::from_static("Bearer"))
     }
+}
+
+/// The token of the request's one `Authorization: Bearer` header.
+fn bearer_token(headers: &http::HeaderMap) -> Result<&[u8], KeyError> {
+    let mut values = headers.get_all(AUTHORIZATION).iter();
+    let value = values.next().ok_or(KeyError::Missing)?;
+    if values.next().is_some() {
+        return Err(KeyError::Invalid(
+            "the Authorization header appears more than once",
+        ));
+    }
+    let bytes = value.as_bytes().trim_ascii();
+    if bytes.eq_ignore_ascii_case(b"bearer") {
+        return Err(KeyError::Invalid("the bearer token is empty"));
+    }
+    let Some((scheme, token)) = bytes.split_at_checked(7) else {
+        return Err(KeyError::Missing);
+    };
+    if !scheme.eq_ignore_ascii_case(b"bearer ") {
+        return Err(KeyError::Missing);
+    }
+    let token = token.trim_ascii();
+    if token.is_empty() {
+        return Err(KeyError::Invalid("the bearer token is empty"));
+    }
+    if !token.iter().all(|&b| is_token68(b)) {
+        return Err(KeyError::Invalid(
+            "the bearer token has characters outside RFC 6750's token68",
+        ));
+    }
+    Ok(token)
 }
 
 fn is_token68(b: u8) -> bool {
@@ -779,6 +854,57 @@ mod tests {
             h.extract(&req_with("x-tenant", &["a", "b"])),
             Err(KeyError::Invalid(_))
         ));
+    }
+
+    /// The bytes an extractor lends (its fast path) are exactly the key it
+    /// extracts, or nothing where it gives no key.
+    #[test]
+    fn lent_bytes_are_the_extracted_key() {
+        fn agree<K: KeyExtractor<Request<()>>>(k: &K, req: &Request<()>) {
+            let extracted = k.extract(req);
+            let lent = k.key_bytes(req);
+            match &extracted {
+                Ok(key) => assert_eq!(lent, Some(key.as_bytes())),
+                Err(_) => assert_eq!(lent, None),
+            }
+        }
+        let h = header(HeaderName::from_static("x-tenant"));
+        for values in [&["acme"][..], &[""], &["a", "b"], &[], &["\u{e9}x"]] {
+            agree(&h, &req_with("x-tenant", values));
+        }
+        let mut many = req_with("x-tenant", &["acme"]);
+        for i in 0..2 * SCAN_HEADERS {
+            let name = HeaderName::try_from(format!("x-other-{i}"))
+                .unwrap_or_else(|e| unreachable!("{e}"));
+            many.headers_mut().insert(name, HeaderValue::from_static("v"));
+        }
+        agree(&h, &many);
+        let b = bearer();
+        for value in [
+            "Bearer tok.en-1==",
+            "bEaReR   spaced  ",
+            "Basic abc",
+            "Bearer",
+            "Bearer a b",
+            "Bearer \u{e9}",
+        ] {
+            agree(&b, &req_with("authorization", &[value]));
+        }
+        agree(&b, &req_with("authorization", &["Bearer a", "Bearer b"]));
+        agree(&b, &Request::new(()));
+
+        let mut req = Request::new(());
+        agree(&extension::<TenantKey>(), &req);
+        req.extensions_mut().insert(TenantKey::from("acme"));
+        agree(&extension::<TenantKey>(), &req);
+        req.extensions_mut().insert(String::new());
+        agree(&extension::<String>(), &req);
+        req.extensions_mut().insert(String::from("acme"));
+        agree(&extension::<String>(), &req);
+        // A value that formats its key lends nothing; the layers extract it.
+        req.extensions_mut().insert(7_u64);
+        assert_eq!(extension::<u64>().key_bytes(&req), None);
+        assert_eq!(extension::<u64>().extract(&req), Ok(TenantKey::from("7")));
     }
 
     #[test]

@@ -89,6 +89,15 @@ impl<B> KeyExtractor<Request<B>> for AnyKey {
         }
     }
 
+    fn key_bytes<'r>(&self, req: &'r Request<B>) -> Option<&'r [u8]> {
+        match self {
+            Self::Header(k) => k.key_bytes(req),
+            Self::Bearer(k) => k.key_bytes(req),
+            Self::Extension(k) => k.key_bytes(req),
+            Self::Peer(k) => k.key_bytes(req),
+        }
+    }
+
     fn challenge(&self) -> Option<HeaderValue> {
         match self {
             Self::Header(k) => KeyExtractor::<Request<B>>::challenge(k),
@@ -180,7 +189,17 @@ fuzz_target!(|input: Input| {
     };
     let max_len = usize::from(input.max_key_len);
 
-    let expected = match extractor.extract(&req) {
+    // The bytes an extractor lends are the key it extracts: all of them
+    // lend but the peer address, which formats its key.
+    let extracted = extractor.extract(&req);
+    let lent = extractor.key_bytes(&req);
+    match (&extractor, &extracted) {
+        (AnyKey::Peer(_), _) => assert_eq!(lent, None),
+        (_, Ok(key)) => assert_eq!(lent, Some(key.as_bytes())),
+        (_, Err(_)) => assert_eq!(lent, None),
+    }
+
+    let expected = match extracted {
         Err(KeyError::Missing) => match missing {
             MissingKey::Unauthorized => StatusCode::UNAUTHORIZED,
             MissingKey::BadRequest => StatusCode::BAD_REQUEST,
