@@ -1,7 +1,7 @@
 //! What every layer does the same way: finding the tenant, shadow mode,
 //! and logging refusals without letting a flood flood the logs.
 
-use std::cell::OnceCell;
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use http::{HeaderValue, StatusCode};
@@ -51,7 +51,7 @@ impl Default for KeyRules {
 /// of whoever asks: an oversized key is refused before it is hashed.
 pub(crate) struct Extracted {
     key: Result<TenantKey, KeyError>,
-    hash: OnceCell<u64>,
+    hash: Cell<Option<u64>>,
 }
 
 impl Extracted {
@@ -63,7 +63,7 @@ impl Extracted {
     {
         Self {
             key: extractor.extract(req),
-            hash: OnceCell::new(),
+            hash: Cell::new(None),
         }
     }
 
@@ -86,10 +86,15 @@ impl Extracted {
 
     #[inline]
     fn tenant<'a>(&'a self, key: &'a TenantKey) -> Tenant<'a> {
-        Tenant {
-            key,
-            hash: *self.hash.get_or_init(|| tenant_hash(key.as_bytes())),
-        }
+        let hash = match self.hash.get() {
+            Some(hash) => hash,
+            None => {
+                let hash = tenant_hash(key.as_bytes());
+                self.hash.set(Some(hash));
+                hash
+            }
+        };
+        Tenant { key, hash }
     }
 }
 

@@ -24,7 +24,10 @@ use crate::cost::{RequestCost, UnitCost};
 use crate::error::Rejection;
 use crate::held::hold;
 use crate::key::KeyExtractor;
-use crate::rate_limit::{self, RateLimitLayer, SuccessHeaders};
+use crate::hash::tenant_hash;
+use crate::limiter::Denied;
+use crate::policy::Plan;
+use crate::rate_limit::{self, RateLimitLayer, Rated, SuccessHeaders};
 use crate::response::{self, BoxedBody, after_completion, is_grpc, rejection_response};
 use crate::shed::priority::FromExtension;
 use crate::shed::{self, LoadShedLayer, PriorityExtractor};
@@ -267,50 +270,52 @@ enum Fast {
     /// Admitted by the rate limit and the concurrency cap; the shedder
     /// decides the usual way.
     Shed(Guard, Option<Box<SuccessHeaders>>),
-    /// Refused by the rate limit (counted and logged).
-    Refused(Rejection),
+    /// Refused by the rate limit, to be reported with the tenant's key.
+    Refused(Box<(Plan, Denied)>),
     /// Not the common case: all three decide the usual way.
     No,
+    /// Not tried: the key extractor lends no bytes
+    /// ([`KeyExtractor::key_bytes`]), so the key must be extracted first.
+    Untried,
 }
 
 impl<K, C, P> Parts<K, C, P> {
-    /// The common case, with the plan looked up once for all three
-    /// decisions: one policy, an in-memory limiter, a valid key, a tenant
-    /// that is not blocked, no observers and no shadow mode. The rate limit
-    /// decides here (an admission or a refusal); the cap and the shedder
-    /// only admit here, and leave anything else to the usual path, which
-    /// decides again from the start.
+    /// The common case, for the tenant whose key is `key`, with the key
+    /// hashed and the plan looked up once for all three decisions: one
+    /// policy, an in-memory limiter, a key within the length bound, a
+    /// tenant that is not blocked, no observers and no shadow mode. The
+    /// rate limit decides here (an admission or a refusal); the cap and the
+    /// shedder only admit here, and leave anything else to the usual path,
+    /// which decides again from the start.
     #[inline]
-    fn fast<Req>(&self, req: &Req, extracted: &Extracted) -> Fast
+    fn fast<Req>(&self, req: &Req, key: &[u8]) -> Fast
     where
         C: RequestCost<Req>,
         P: PriorityExtractor<Req>,
     {
-        if !self.one_policy {
+        if !self.one_policy || key.len() > self.max_key_len || !self.rate.decides_fast() {
             return Fast::No;
         }
-        let Some(tenant) = extracted.key_within(self.max_key_len) else {
-            return Fast::No;
-        };
         let Some(cost) = self.rate.cost(req) else {
             return Fast::No;
         };
+        let hash = tenant_hash(key);
         let snapshot = self.rate.limiter().snapshot();
         let policy = &snapshot.extra;
         if policy.any_blocked() {
             return Fast::No;
         }
-        let plan = policy.plan_for_hashed(tenant.hash, tenant.key.as_bytes());
-        let headers = match self.rate.admit_plan(&snapshot, plan, tenant, cost) {
-            Some(Ok(headers)) => headers,
-            Some(Err(rejection)) => return Fast::Refused(rejection),
+        let plan = policy.plan_for_hashed(hash, key);
+        let headers = match self.rate.admit_plan(&snapshot, plan, hash, cost) {
+            Some(Rated::Admitted(headers)) => headers,
+            Some(Rated::Denied(denied)) => return Fast::Refused(denied),
             None => return Fast::No,
         };
-        let Some(cap) = self.cap.admit_plan(plan, tenant.hash) else {
+        let Some(cap) = self.cap.admit_plan(plan, hash) else {
             return Fast::Cap(headers);
         };
         let mut guard = self.guard(cap);
-        match self.shed.admit_plan(req, plan, tenant.hash) {
+        match self.shed.admit_plan(req, plan, hash) {
             Some(shed) => {
                 guard.hold_shed(shed);
                 Fast::Admitted(guard, headers)
@@ -381,11 +386,16 @@ where
         self.inner.poll_ready(cx)
     }
 
-    #[inline]
+    // Not inlined into the caller: the future is then built in the place
+    // the caller keeps it (axum's `MapIntoResponse`), not copied there.
+    #[inline(never)]
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let parts = &*self.parts;
-        let extracted = Extracted::from_request(&parts.key, &req);
-        match parts.fast(&req, &extracted) {
+        let fast = match parts.key.key_bytes(&req) {
+            Some(key) => parts.fast(&req, key),
+            None => Fast::Untried,
+        };
+        match fast {
             Fast::Admitted(guard, headers) => ResponseFuture {
                 kind: Kind::Admitted {
                     future: self.inner.call(req),
@@ -393,7 +403,7 @@ where
                 guard: Some(guard),
                 headers,
             },
-            other => self.call_slow(req, extracted, other),
+            other => self.call_slow(req, other),
         }
     }
 }
@@ -404,7 +414,6 @@ impl<S, K, C, P> Floodgate<S, K, C, P> {
     fn call_slow<ReqBody, ResBody>(
         &mut self,
         req: Request<ReqBody>,
-        extracted: Extracted,
         fast: Fast,
     ) -> ResponseFuture<S::Future, ResBody, S::Error>
     where
@@ -418,6 +427,14 @@ impl<S, K, C, P> Floodgate<S, K, C, P> {
         P: PriorityExtractor<Request<ReqBody>> + Send + Sync + 'static,
     {
         let parts = &*self.parts;
+        let extracted = Extracted::from_request(&parts.key, &req);
+        let fast = match fast {
+            Fast::Untried => match extracted.key() {
+                Some(tenant) => parts.fast(&req, tenant.key.as_bytes()),
+                None => Fast::No,
+            },
+            other => other,
+        };
         let (headers, guard) = match fast {
             Fast::Admitted(guard, headers) => {
                 return ResponseFuture {
@@ -430,16 +447,28 @@ impl<S, K, C, P> Floodgate<S, K, C, P> {
             }
             Fast::Shed(guard, headers) => (headers, Some(guard)),
             Fast::Cap(headers) => (headers, None),
-            Fast::Refused(rejection) => return ResponseFuture::rejected(rejection, &req, None),
-            Fast::No => match parts.rate.admit_with(&req, &extracted) {
-                rate_limit::Admit::Now(Ok(headers)) => (headers, None),
-                rate_limit::Admit::Now(Err(rejection)) => {
-                    return ResponseFuture::rejected(rejection, &req, None);
+            other => {
+                let admit = match (other, extracted.key()) {
+                    (Fast::Refused(denied), Some(tenant)) => {
+                        rate_limit::Admit::Now(parts.rate.refuse_rated(tenant.key, *denied))
+                    }
+                    // Not the common case; or an extractor whose
+                    // `key_bytes` and `extract` disagree, and a refusal
+                    // charged nothing, so deciding again is safe.
+                    _ => parts.rate.admit_with(&req, &extracted),
+                };
+                match admit {
+                    // (A refusal let through: shadow mode, switched on
+                    // since the fast path looked.)
+                    rate_limit::Admit::Now(Ok(headers)) => (headers, None),
+                    rate_limit::Admit::Now(Err(rejection)) => {
+                        return ResponseFuture::rejected(rejection, &req, None);
+                    }
+                    rate_limit::Admit::Later(verdict) => {
+                        return self.wait(req, extracted, Stage::Rate(verdict));
+                    }
                 }
-                rate_limit::Admit::Later(verdict) => {
-                    return self.wait(req, extracted, Stage::Rate(verdict));
-                }
-            },
+            }
         };
         let mut guard = match guard {
             Some(guard) => guard,
@@ -672,4 +701,3 @@ impl<F, B, E> fmt::Debug for ResponseFuture<F, B, E> {
             .finish()
     }
 }
-

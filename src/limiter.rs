@@ -211,16 +211,17 @@ impl RateLimiter {
     }
 
     /// The in-memory decision for a tenant whose plan, under `snapshot`'s
-    /// policy, has `quota`. `None` from a limiter on Redis, which never
-    /// decides here.
+    /// policy, has `quota`, as the store made it: an admission needs
+    /// nothing more unless somebody reads its usage. `None` from a limiter
+    /// on Redis, which never decides here.
     #[inline]
-    pub(crate) fn decide_in(
+    pub(crate) fn step_in(
         &self,
         snapshot: &PolicySnapshot,
         hash: u64,
         cost: u32,
         quota: &Quota,
-    ) -> Option<Result<Allowed, Denied>> {
+    ) -> Option<InMemory> {
         let inner = &*self.inner;
         #[cfg(feature = "redis")]
         if inner.remote.is_some() {
@@ -228,7 +229,13 @@ impl RateLimiter {
         }
         let now = inner.clock.now_nanos();
         let (step, tat) = inner.store.check(snapshot, hash, now, cost, quota);
-        Some(outcome(step, tat, now, cost, quota))
+        Some(InMemory {
+            step,
+            tat,
+            now,
+            cost,
+            quota: *quota,
+        })
     }
 
     /// Decides, at once when the store is in memory (or the deny cache
@@ -668,6 +675,30 @@ fn rejection(
 }
 
 /// The result of a GCRA step for `cost`, with the bucket it leaves.
+/// An in-memory decision, as the store made it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct InMemory {
+    step: Step,
+    tat: u64,
+    now: u64,
+    cost: u32,
+    quota: Quota,
+}
+
+impl InMemory {
+    /// Whether the request was admitted.
+    #[inline]
+    pub(crate) fn admitted(&self) -> bool {
+        matches!(self.step, Step::Allow { .. })
+    }
+
+    /// The verdict.
+    #[inline]
+    pub(crate) fn outcome(self) -> Result<Allowed, Denied> {
+        outcome(self.step, self.tat, self.now, self.cost, &self.quota)
+    }
+}
+
 fn outcome(step: Step, tat: u64, now: u64, cost: u32, quota: &Quota) -> Result<Allowed, Denied> {
     let usage = Usage::at(tat, now, quota);
     match step {

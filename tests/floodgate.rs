@@ -263,6 +263,80 @@ async fn it_finds_the_tenant_once_a_request() {
     assert_eq!(calls.load(Ordering::Relaxed), 5);
 }
 
+/// A key extractor that lends no bytes (a closure: the layers must
+/// extract its key first) gets the same answers as one that does (a
+/// header), refusals and their headers included, from `FloodgateLayer` and
+/// from the rate limit on its own.
+#[tokio::test]
+async fn an_extractor_that_lends_no_bytes_gets_the_same_answers() {
+    let closure = || key::from_fn(|req: &Request| req.headers().get(TENANT).map(TenantKey::from));
+    let mut answers = Vec::new();
+    for lends in [true, false] {
+        let l = layers(16);
+        let layered = |router: Router| {
+            if lends {
+                router.layer(FloodgateLayer::new(
+                    key::header(TENANT),
+                    &l.rate,
+                    &l.cap,
+                    &l.shed,
+                ))
+            } else {
+                router.layer(FloodgateLayer::new(closure(), &l.rate, &l.cap, &l.shed))
+            }
+        };
+        let floodgate =
+            Http::new(serve(layered(Router::new().route("/", get(|| async { "ok" })))).await);
+        let rate = RateLimitLayer::new(
+            RateLimiter::builder(policy())
+                .clock(Clock::manual().0)
+                .build(),
+        )
+        .success_headers(true);
+        let rate = if lends {
+            Router::new()
+                .route("/", get(|| async { "ok" }))
+                .layer(rate.key(key::header(TENANT)))
+        } else {
+            Router::new()
+                .route("/", get(|| async { "ok" }))
+                .layer(rate.key(closure()))
+        };
+        let rate = Http::new(serve(rate).await);
+        let mut seen = Vec::new();
+        for http in [&floodgate, &rate] {
+            for tenant in [
+                "acme",
+                "acme",
+                "acme",
+                "acme",
+                "banned",
+                "a-key-longer-than-sixteen-bytes",
+            ] {
+                seen.push(summary(&http.get_as(tenant).await));
+            }
+            seen.push(summary(&http.send("GET", "/", &[], "").await));
+        }
+        answers.push(seen);
+    }
+    assert_eq!(answers[0], answers[1]);
+    let statuses: Vec<&str> = answers[0].iter().map(|a| &a[..3]).collect();
+    assert_eq!(
+        statuses,
+        [
+            "200", "200", "200", "429", "403", "400", "401", "200", "200", "200", "429", "403",
+            "200", "401"
+        ],
+        "{:#?}",
+        answers[0]
+    );
+    assert!(
+        answers[0][3].contains("retry-after: 20"),
+        "{}",
+        answers[0][3]
+    );
+}
+
 #[tokio::test]
 async fn the_permits_are_held_until_a_streaming_body_is_done() {
     let l = layers(256);

@@ -10,10 +10,11 @@ use tower_layer::Layer;
 use super::service::{GenericRateLimit, RateLimit};
 use crate::cost::{RequestCost, UnitCost};
 use crate::error::{RateLimited, Rejection};
-use crate::common::{Extracted, KeyRules, MissingKey, Refusals, Tenant};
+use crate::common::{Extracted, KeyRules, MissingKey, Refusals};
+use crate::hash::tenant_hash;
 use crate::key::{Extension, KeyExtractor, TenantKey};
 use crate::limiter::{
-    Allowed, Deferred, Denied, DenyReason, PolicySnapshot, RateLimiter, RateLimiterStats,
+    Allowed, Deferred, Denied, DenyReason, InMemory, PolicySnapshot, RateLimiter, RateLimiterStats,
 };
 use crate::observe::{Decision, Event, Hook, LayerKind, Observer, refusal};
 use crate::policy::{Plan, Policy, PolicyListener};
@@ -383,6 +384,15 @@ impl SuccessHeaders {
 /// response (if enabled), or the rejection.
 pub(crate) type Verdict = Result<Option<Box<SuccessHeaders>>, Rejection>;
 
+/// What the common case decided.
+pub(crate) enum Rated {
+    /// Admitted, with the headers for the response (if it sends them).
+    Admitted(Option<Box<SuccessHeaders>>),
+    /// Refused: nothing was charged; to be reported with the tenant's key
+    /// ([`Shared::refuse_rated`]). Boxed: refusals are the rare case.
+    Denied(Box<(Plan, Denied)>),
+}
+
 /// A verdict now, or after a round trip to the store.
 pub(crate) enum Admit {
     Now(Verdict),
@@ -416,42 +426,58 @@ impl<K, C> Shared<K, C> {
         }
     }
 
-    /// The common case, for a tenant whose plan under `snapshot`'s policy
-    /// is known and who is not blocked: an in-memory limiter without an
-    /// observer, out of shadow mode. `Some` with the verdict (a refusal
-    /// counted and logged as [`admit_with`](Self::admit_with) would);
-    /// `None`: take `admit_with`, which decides from the start (nothing was
-    /// charged).
+    /// Whether the common case can be decided here at all: an in-memory
+    /// limiter without an observer, out of shadow mode. The checks that
+    /// need nothing of the request.
+    #[inline]
+    pub(crate) fn decides_fast(&self) -> bool {
+        !self.observer.is_set() && !self.state.refusals.is_shadow() && !self.limiter.is_remote()
+    }
+
+    /// The common case, for a tenant (hashed to `hash`) whose plan under
+    /// `snapshot`'s policy is known and who is not blocked, once
+    /// [`decides_fast`](Self::decides_fast) said yes. A refusal is handed
+    /// back to be reported with the tenant's key
+    /// ([`refuse_rated`](Self::refuse_rated)).
     #[inline]
     pub(crate) fn admit_plan(
         &self,
         snapshot: &PolicySnapshot,
         plan: &Plan,
-        tenant: Tenant<'_>,
+        hash: u64,
         cost: u32,
-    ) -> Option<Verdict> {
-        if self.observer.is_set() || self.state.refusals.is_shadow() {
-            return None;
-        }
+    ) -> Option<Rated> {
         let Some(quota) = plan.rate_quota() else {
-            return Some(Ok(None));
+            return Some(Rated::Admitted(None));
         };
-        match self.limiter.decide_in(snapshot, tenant.hash, cost, quota)? {
-            Ok(allowed) => Some(Ok(if self.config.success_headers {
+        let decided = self.limiter.step_in(snapshot, hash, cost, quota)?;
+        if decided.admitted() && !self.config.success_headers {
+            return Some(Rated::Admitted(None));
+        }
+        Some(self.rated(plan, decided))
+    }
+
+    /// What the common case decided other than a plain admission: an
+    /// admission with its headers, or a refusal.
+    #[inline(never)]
+    fn rated(&self, plan: &Plan, decided: InMemory) -> Rated {
+        match decided.outcome() {
+            Ok(allowed) => Rated::Admitted(if self.config.success_headers {
                 headers_for(plan, &allowed)
             } else {
                 None
-            })),
-            Err(denied) => Some(self.refuse_denied(tenant, plan, denied)),
+            }),
+            Err(denied) => Rated::Denied(Box::new((plan.clone(), denied))),
         }
     }
 
-    /// A refusal of the fast path, counted and logged as the usual one.
+    /// The refusal of the common case, for tenant `key`: counted, logged
+    /// and reported as the usual path does.
     #[cold]
     #[inline(never)]
-    fn refuse_denied(&self, tenant: Tenant<'_>, plan: &Plan, denied: Denied) -> Verdict {
-        let rejection =
-            Rejection::RateLimited(RateLimited::new(tenant.key.clone(), plan.clone(), denied));
+    pub(crate) fn refuse_rated(&self, key: &TenantKey, denied: (Plan, Denied)) -> Verdict {
+        let (plan, denied) = denied;
+        let rejection = Rejection::RateLimited(RateLimited::new(key.clone(), plan, denied));
         refuse(&self.state, &self.limiter, &self.observer, rejection)
     }
 
@@ -464,29 +490,76 @@ impl<K, C> Shared<K, C> {
         Extracted::from_request(&self.key, req)
     }
 
-    /// The common case of a layer on its own: a valid key within the
-    /// length bound, a readable cost and a tenant that is not blocked (see
-    /// [`admit_plan`](Self::admit_plan)). `None`: take
+    /// The common case of a layer on its own, for the tenant whose key is
+    /// `key`: within the length bound, a readable cost, a tenant who is
+    /// not blocked, and [`decides_fast`](Self::decides_fast). `None`: take
     /// [`admit_with`](Self::admit_with), which decides from the start
     /// (nothing was charged).
     #[inline]
-    pub(crate) fn admit_fast<Req>(
-        &self,
-        req: &Req,
-        extracted: &Extracted,
-    ) -> Option<Verdict>
+    pub(crate) fn admit_key<Req>(&self, req: &Req, key: &[u8]) -> Option<Rated>
     where
         C: RequestCost<Req>,
     {
-        let tenant = extracted.key_within(self.config.keys.max_len)?;
+        if key.len() > self.config.keys.max_len || !self.decides_fast() {
+            return None;
+        }
         let cost = self.cost.cost(req).ok()?;
+        let hash = tenant_hash(key);
         let snapshot = self.limiter.snapshot();
         let policy = &snapshot.extra;
         if policy.any_blocked() {
             return None;
         }
-        let plan = policy.plan_for_hashed(tenant.hash, tenant.key.as_bytes());
-        self.admit_plan(&snapshot, plan, tenant, cost)
+        let plan = policy.plan_for_hashed(hash, key);
+        self.admit_plan(&snapshot, plan, hash, cost)
+    }
+
+    /// Decides for `req`: the common case with the key's bytes, if the
+    /// extractor lends them, and anything else in
+    /// [`admit_rest`](Self::admit_rest).
+    #[inline]
+    pub(crate) fn admit<Req>(&self, req: &Req) -> Admit
+    where
+        K: KeyExtractor<Req>,
+        C: RequestCost<Req>,
+    {
+        match self.key.key_bytes(req) {
+            Some(key) => match self.admit_key(req, key) {
+                Some(Rated::Admitted(headers)) => Admit::Now(Ok(headers)),
+                rated => self.admit_rest(req, rated, true),
+            },
+            None => self.admit_rest(req, None, false),
+        }
+    }
+
+    /// Decides for `req` when the common case with the key's bytes
+    /// ([`KeyExtractor::key_bytes`]) did not (`rated` is what it got, if it
+    /// ran): a refusal of it is reported, and otherwise the key is
+    /// extracted and the common case tried with it (if it did not run),
+    /// then the usual path.
+    #[inline(never)]
+    pub(crate) fn admit_rest<Req>(&self, req: &Req, rated: Option<Rated>, tried: bool) -> Admit
+    where
+        K: KeyExtractor<Req>,
+        C: RequestCost<Req>,
+    {
+        let extracted = self.extract(req);
+        let rated = match rated {
+            Some(rated) => Some(rated),
+            None if !tried => extracted
+                .key()
+                .and_then(|tenant| self.admit_key(req, tenant.key.as_bytes())),
+            None => None,
+        };
+        match (rated, extracted.key()) {
+            (Some(Rated::Admitted(headers)), _) => Admit::Now(Ok(headers)),
+            (Some(Rated::Denied(denied)), Some(tenant)) => {
+                Admit::Now(self.refuse_rated(tenant.key, *denied))
+            }
+            // An extractor whose `key_bytes` and `extract` disagree: a
+            // refusal charged nothing, so deciding again is safe.
+            (Some(Rated::Denied(_)), None) | (None, _) => self.admit_with(req, &extracted),
+        }
     }
 
     /// The cost of `req`, if it can be read.

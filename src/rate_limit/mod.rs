@@ -45,5 +45,5 @@ mod service;
 
 pub use self::future::{GenericResponseFuture, ResponseFuture};
 pub use self::layer::{GenericRateLimitLayer, RateLimitLayer, RateLimitStats};
-pub(crate) use self::layer::{Admit, Shared, SuccessHeaders, Verdict};
+pub(crate) use self::layer::{Admit, Rated, Shared, SuccessHeaders, Verdict};
 pub use self::service::{GenericRateLimit, RateLimit};

@@ -83,12 +83,11 @@ where
         self.inner.poll_ready(cx)
     }
 
+    // Not inlined into the caller: the future is then built in the place
+    // the caller keeps it (axum's `MapIntoResponse`), not copied there.
+    #[inline(never)]
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let extracted = self.shared.extract(&req);
-        let admit = match self.shared.admit_fast(&req, &extracted) {
-            Some(verdict) => Admit::Now(verdict),
-            None => self.shared.admit_with(&req, &extracted),
-        };
+        let admit = self.shared.admit(&req);
         match admit {
             Admit::Now(Ok(headers)) => {
                 let future = self.inner.call(req);
@@ -135,12 +134,7 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        let extracted = self.shared.extract(&req);
-        let admit = match self.shared.admit_fast(&req, &extracted) {
-            Some(verdict) => Admit::Now(verdict),
-            None => self.shared.admit_with(&req, &extracted),
-        };
-        match admit {
+        match self.shared.admit(&req) {
             Admit::Now(Ok(_)) => GenericResponseFuture::admitted(self.inner.call(req)),
             Admit::Now(Err(rejection)) => GenericResponseFuture::rejected(rejection),
             Admit::Later(verdict) => {

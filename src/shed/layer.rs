@@ -135,6 +135,7 @@ impl Runtime {
     /// is at least one unit once the limit is 2 or more (and the reserve's
     /// share not 0), so that critical traffic keeps room at small limits
     /// too, as an adaptive limit backs off to.
+    #[inline]
     fn ceiling(&self, priority: Priority, limit: u32) -> u32 {
         let mut reserve = share_of(limit, self.config.critical_reserve);
         if self.config.critical_reserve > 0 && limit >= 2 {
@@ -150,6 +151,7 @@ impl Runtime {
         }
     }
 
+    #[inline]
     fn in_flight(&self) -> u32 {
         gate::count(self.word.load(Ordering::Acquire))
     }
@@ -682,7 +684,7 @@ impl<K, P> Shared<K, P> {
     where
         P: PriorityExtractor<Req>,
     {
-        let runtime = &self.runtime;
+        let runtime = &*self.runtime;
         let config = &runtime.config;
         if self.observer.is_set() || runtime.refusals.is_shadow() {
             return None;
@@ -693,33 +695,37 @@ impl<K, P> Shared<K, P> {
         };
         let limit = runtime.controller.limit();
         let ceiling = runtime.ceiling(priority, limit);
-        let in_flight = runtime.in_flight();
+        let word = runtime.word.load(Ordering::Acquire);
+        let in_flight = gate::count(word);
         runtime.controller.observe_load(in_flight, limit);
-        if config.fairness && u64::from(in_flight) * 4 >= u64::from(ceiling) * 3 {
+        // Somebody waits, no room, or fairness in play: the usual path.
+        if word & gate::SLOW != 0
+            || in_flight >= ceiling
+            || (config.fairness && u64::from(in_flight) * 4 >= u64::from(ceiling) * 3)
+        {
             return None;
         }
-        let started = if runtime.controller.is_adaptive() {
-            runtime.clock.now_nanos()
-        } else {
-            0
-        };
+        // The unit, from the count just read (the usual path decides again
+        // if it moved meanwhile).
+        runtime
+            .word
+            .compare_exchange(word, word + 1, Ordering::AcqRel, Ordering::Acquire)
+            .ok()?;
         let mut held = Held {
             seat: None,
-            global: false,
-            started,
+            global: true,
+            started: if runtime.controller.is_adaptive() {
+                runtime.clock.now_nanos()
+            } else {
+                0
+            },
         };
         if config.fairness
             && let Admission::Granted(seat) = runtime.tenants.acquire(hash, u32::MAX, true, 0)
         {
             held.seat = Some(seat);
         }
-        if let Fast::Done(_) = gate::try_acquire(&runtime.word, ceiling, false) {
-            held.global = true;
-            Some(held)
-        } else {
-            held.release(runtime);
-            None
-        }
+        Some(held)
     }
 
     /// The runtime the units of a [`Held`] go back to.
