@@ -1,6 +1,6 @@
-//! The HTTP-level benchmark: an axum hello-world server on 127.0.0.1 in five
-//! configurations, loaded by a hyper client over keep-alive connections,
-//! alternated A B C D E A B C D E … in one run:
+//! The HTTP-level benchmark: an axum hello-world server on 127.0.0.1 in
+//! seven configurations, loaded by a hyper client over keep-alive
+//! connections, alternated A B C … A B C … in one run:
 //!
 //! * `bare`: the router alone;
 //! * `tower_governor`: tower-governor keyed on a tenant header, with a
@@ -8,7 +8,11 @@
 //! * `rate_limit`: this crate's rate limit alone, the same key and limit;
 //! * `full_stack`: this crate's rate limit, per-tenant and global
 //!   concurrency cap and load shedder, limits never reached;
-//! * `floodgate`: the same three decisions in one `FloodgateLayer`.
+//! * `floodgate`: the same three decisions in one `FloodgateLayer`;
+//! * `tower_governor_outer` and `floodgate_outer`: the same two layers
+//!   around the whole router, as tower layers, instead of inside it with
+//!   `Router::layer` (which makes axum clone and box every route's service
+//!   and future once more per request, for any layer).
 //!
 //! Each server is a child process (this binary re-run), so its CPU time is
 //! its own: user + system time of all its threads, from
@@ -34,15 +38,17 @@
 //! only those configurations (and bare). `FLOODGATE_HTTP_EACH_LAYER=1`
 //! also counts each of this crate's layers alone (`cap_tenant`,
 //! `cap_global`, `shed_fixed`, `shed_fair`), two layers that decide nothing
-//! (`noop`, `noop_body`: what any layer costs in axum), `FloodgateLayer`
-//! with a global cap and a shedder without fairness (`floodgate_light`),
-//! and the three layers in three `Router::layer` calls
-//! (`full_stack_separate`). `FLOODGATE_HTTP_PIN=1` pins the server to the
+//! (`noop`, `noop_body`: what any layer costs in axum; `noop_outer` around
+//! the router), `FloodgateLayer` with a global cap and a shedder without
+//! fairness (`floodgate_light`), the three layers in three `Router::layer`
+//! calls (`full_stack_separate`), and `minimal`, the four counts and the
+//! body alone, without the crate's features (`benches/minimal`). `FLOODGATE_HTTP_PIN=1` pins the server to the
 //! second CPU with `taskset`.
 //! Linux only (it reads `/proc`).
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
+mod minimal;
 mod support;
 
 use std::io::{BufRead, BufReader, Write};
@@ -53,29 +59,32 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use axum::Router;
 use axum::routing::get;
+use axum::{Router, ServiceExt};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use support::{TENANT, governor_config};
+use tower::Layer;
 use tower_floodgate::shed::{Limit, LoadShedLayer};
 use tower_floodgate::{
     ConcurrencyCapLayer, FloodgateLayer, Plan, PolicyHandle, Quota, RateLimitLayer, RateLimiter,
     key,
 };
 
-const CONFIGS: [&str; 5] = [
+const CONFIGS: [&str; 7] = [
     "bare",
     "tower_governor",
     "rate_limit",
     "full_stack",
     "floodgate",
+    "tower_governor_outer",
+    "floodgate_outer",
 ];
 /// Single layers, counted under callgrind with `FLOODGATE_HTTP_EACH_LAYER=1`.
-const EACH_LAYER: [&str; 8] = [
+const EACH_LAYER: [&str; 10] = [
     "cap_tenant",
     "cap_global",
     "shed_fixed",
@@ -84,6 +93,8 @@ const EACH_LAYER: [&str; 8] = [
     "noop_body",
     "floodgate_light",
     "full_stack_separate",
+    "minimal",
+    "noop_outer",
 ];
 const CONNECTIONS: usize = 64;
 const TENANTS: usize = 16;
@@ -113,10 +124,29 @@ fn main() {
 
 // ─── The server ─────────────────────────────────────────────────────────
 
+/// The hello-world router every configuration serves.
+fn hello() -> Router {
+    Router::new().route("/", get(|| async { "Hello, World!" }))
+}
+
+/// Limits never reached: a billion a second.
+fn quota() -> Quota {
+    Quota::per_second(NonZeroU32::new(1_000_000_000).expect("non-zero"))
+}
+
+/// The full stack in one `FloodgateLayer`: a rate and a concurrency cap
+/// per tenant, a global cap and a fair shedder, limits never reached.
+fn floodgate_layer() -> FloodgateLayer<tower_floodgate::key::Header> {
+    let policy = PolicyHandle::from(Plan::new("p").rate(quota()).concurrency(1 << 20));
+    let rate = RateLimitLayer::new(RateLimiter::builder(policy.clone()).build());
+    let cap = ConcurrencyCapLayer::new(policy.clone()).global_limit(1 << 20);
+    let shed = LoadShedLayer::new(Limit::fixed(1 << 20)).policy(policy);
+    FloodgateLayer::new(key::header(TENANT), &rate, &cap, &shed)
+}
+
 fn router(config: &str) -> Router {
-    let router = Router::new().route("/", get(|| async { "Hello, World!" }));
-    // Limits never reached: a billion a second.
-    let quota = Quota::per_second(NonZeroU32::new(1_000_000_000).expect("non-zero"));
+    let router = hello();
+    let quota = quota();
     match config {
         "bare" => router,
         "tower_governor" => router.layer(tower_governor::GovernorLayer::new(governor_config())),
@@ -147,13 +177,7 @@ fn router(config: &str) -> Router {
                     ),
             )
         }
-        "floodgate" => {
-            let policy = PolicyHandle::from(Plan::new("p").rate(quota).concurrency(1 << 20));
-            let rate = RateLimitLayer::new(RateLimiter::builder(policy.clone()).build());
-            let cap = ConcurrencyCapLayer::new(policy.clone()).global_limit(1 << 20);
-            let shed = LoadShedLayer::new(Limit::fixed(1 << 20)).policy(policy);
-            router.layer(FloodgateLayer::new(key::header(TENANT), &rate, &cap, &shed))
-        }
+        "floodgate" => router.layer(floodgate_layer()),
         "full_stack_separate" => {
             // The same three layers, one `Router::layer` call each.
             let policy = PolicyHandle::from(Plan::new("p").rate(quota).concurrency(1 << 20));
@@ -199,6 +223,7 @@ fn router(config: &str) -> Router {
         "noop" => router.layer(tower::util::MapRequestLayer::new(
             |r: Request<axum::body::Body>| r,
         )),
+        "minimal" => router.layer(minimal::MinimalLayer::new()),
         "noop_body" => router.layer(tower::util::MapResponseLayer::new(
             |r: http::Response<axum::body::Body>| r.map(|b| Pass { b }),
         )),
@@ -241,8 +266,45 @@ fn serve(config: &str) {
         let addr = listener.local_addr().expect("addr");
         println!("{addr}");
         std::io::stdout().flush().expect("stdout");
-        let app = router(config);
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        match config {
+            // Around the whole router, as a tower layer, rather than
+            // inside it with `Router::layer`.
+            "tower_governor_outer" => {
+                let app = tower_governor::GovernorLayer::new(governor_config()).layer(hello());
+                tokio::spawn(async move {
+                    axum::serve(
+                        listener,
+                        ServiceExt::<Request<axum::body::Body>>::into_make_service(app),
+                    )
+                    .await
+                });
+            }
+            "noop_outer" => {
+                let app = tower::util::MapRequestLayer::new(|r: Request<axum::body::Body>| r)
+                    .layer(hello());
+                tokio::spawn(async move {
+                    axum::serve(
+                        listener,
+                        ServiceExt::<Request<axum::body::Body>>::into_make_service(app),
+                    )
+                    .await
+                });
+            }
+            "floodgate_outer" => {
+                let app = floodgate_layer().layer(hello());
+                tokio::spawn(async move {
+                    axum::serve(
+                        listener,
+                        ServiceExt::<Request<axum::body::Body>>::into_make_service(app),
+                    )
+                    .await
+                });
+            }
+            _ => {
+                let app = router(config);
+                tokio::spawn(async move { axum::serve(listener, app).await });
+            }
+        }
         // The parent closes our stdin when it is done.
         tokio::task::spawn_blocking(|| {
             let mut line = String::new();
@@ -282,8 +344,13 @@ impl Server {
             );
             let mut c = Command::new("valgrind");
             c.args(["--tool=callgrind", "-q"])
-                .arg(format!("--callgrind-out-file={out}"))
-                .arg(exe);
+                .arg(format!("--callgrind-out-file={out}"));
+            // More callgrind options (`--dump-instr=yes`, say), space
+            // separated.
+            if let Ok(extra) = std::env::var("FLOODGATE_HTTP_CALLGRIND_ARGS") {
+                c.args(extra.split_whitespace());
+            }
+            c.arg(exe);
             c
         } else if std::env::var_os("FLOODGATE_HTTP_PIN").is_some() {
             let mut c = Command::new("taskset");
@@ -510,7 +577,7 @@ fn run(rounds: usize, requests: usize) {
     }
 
     println!(
-        "\n{:<16} {:>21} {:>11} {:>18} {:>24} {:>30}",
+        "\n{:<21} {:>21} {:>11} {:>18} {:>24} {:>30}",
         "configuration",
         "requests/s",
         "p50",
@@ -530,7 +597,7 @@ fn run(rounds: usize, requests: usize) {
         let (ratio, ..) = median(ratios.clone());
         let (ratio_lo, ratio_hi) = median_interval(&ratios);
         println!(
-            "{:<16} {:>8.0} ({:>5.0}–{:>5.0}) {:>8.0} µs {:>6.0} µs ({:>4.0}–{:>4.0}) {:>8.0} ns ({:>5.0}–{:>5.0}) {:>14.3} [{:.3}–{:.3}]",
+            "{:<21} {:>8.0} ({:>5.0}–{:>5.0}) {:>8.0} µs {:>6.0} µs ({:>4.0}–{:>4.0}) {:>8.0} ns ({:>5.0}–{:>5.0}) {:>14.3} [{:.3}–{:.3}]",
             server.config,
             rps,
             rps_lo,
@@ -552,18 +619,37 @@ fn run(rounds: usize, requests: usize) {
         let added = paired(&results[i], &results[0], |a, b| a - b);
         let (lo, hi) = median_interval(&added);
         println!(
-            "  {:<16} {:+6.0} ns [{lo:+.0}, {hi:+.0}]",
+            "  {:<21} {:+6.0} ns [{lo:+.0}, {hi:+.0}]",
             CONFIGS[i],
             median(added).0
         );
     }
-    // The target compares the full stack with tower-governor directly.
-    println!("server CPU per request against tower_governor's in the same round [95% interval]:");
+    // The target compares the full stack with tower-governor directly,
+    // each mounted the same way.
+    println!(
+        "server CPU per request against tower_governor's (mounted alike) in the same round \
+         [95% interval]:"
+    );
+    let governor = |config: &str| {
+        let name = if config.ends_with("_outer") {
+            "tower_governor_outer"
+        } else {
+            "tower_governor"
+        };
+        CONFIGS
+            .iter()
+            .position(|c| *c == name)
+            .expect("tower-governor runs")
+    };
     for i in 2..CONFIGS.len() {
-        let ratios = paired(&results[i], &results[1], |a, b| a / b);
+        let g = governor(CONFIGS[i]);
+        if g == i {
+            continue;
+        }
+        let ratios = paired(&results[i], &results[g], |a, b| a / b);
         let (lo, hi) = median_interval(&ratios);
         println!(
-            "  {:<16} {:6.3} [{lo:.3}–{hi:.3}]",
+            "  {:<21} {:6.3} [{lo:.3}–{hi:.3}]",
             CONFIGS[i],
             median(ratios).0
         );
@@ -618,7 +704,7 @@ fn count_instructions(runtime: &tokio::runtime::Runtime, requests: usize) {
         let per_request = round.cpu_per_request;
         let base = *bare.get_or_insert(per_request);
         println!(
-            "{config:<16} {per_request:>10.0} instructions  {:>+8.0} over bare  ({:.3}x)",
+            "{config:<21} {per_request:>10.0} instructions  {:>+8.0} over bare  ({:.3}x)",
             per_request - base,
             per_request / base
         );
