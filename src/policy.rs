@@ -272,6 +272,14 @@ impl Policy {
         if self.tenants.is_empty() {
             return &self.default;
         }
+        self.assigned_plan(hash, tenant)
+    }
+
+    /// [`plan_for_hashed`](Self::plan_for_hashed) when some tenants have
+    /// plans of their own (kept out of line, so that the check before it
+    /// inlines).
+    #[inline(never)]
+    fn assigned_plan(&self, hash: u64, tenant: &[u8]) -> &Plan {
         self.tenants
             .find(hash, |e| e.key.as_bytes() == tenant)
             .map_or(&self.default, |e| &e.plan)
