@@ -99,14 +99,16 @@ impl Drop for Guard {
 /// .layer(shed)` would, with the settings, counters, observers and shadow
 /// modes of the three layers it is built from (their `stats()` count its
 /// decisions too), except that it finds and hashes the tenant once, with
-/// `key`, and keeps both permits in one guard in the response body. The
+/// `key` (which, if it lends the key's bytes, is asked for the key itself
+/// too when a request is refused, to report it), and keeps both permits in
+/// one guard in the response body. The
 /// three layers' own key extractors are not used; their key rules (a
 /// missing key, the longest key) are. When the three share one
 /// [`PolicyHandle`](crate::PolicyHandle) and the limiter is in memory, the
 /// common case (no observer or shadow mode, every decision an admission)
 /// looks the tenant's plan up once for all three. In an axum hello-world
-/// server this costs 41% less a request than the three layers stacked
-/// (2,446 against 4,157 instructions over bare; `BENCHMARKS.md`).
+/// server this costs 40% less a request than the three layers stacked
+/// (2,363 against 3,952 instructions over bare; `BENCHMARKS.md`).
 ///
 /// A request that must wait (for Redis' verdict, in the concurrency cap's
 /// queue or the shedder's) waits in a boxed future, so the inner service,

@@ -674,7 +674,6 @@ fn rejection(
     })
 }
 
-/// The result of a GCRA step for `cost`, with the bucket it leaves.
 /// An in-memory decision, as the store made it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct InMemory {
@@ -699,6 +698,7 @@ impl InMemory {
     }
 }
 
+/// The result of a GCRA step for `cost`, with the bucket it leaves.
 fn outcome(step: Step, tat: u64, now: u64, cost: u32, quota: &Quota) -> Result<Allowed, Denied> {
     let usage = Usage::at(tat, now, quota);
     match step {

@@ -556,8 +556,9 @@ impl<K, C> Shared<K, C> {
             (Some(Rated::Denied(denied)), Some(tenant)) => {
                 Admit::Now(self.refuse_rated(tenant.key, *denied))
             }
-            // An extractor whose `key_bytes` and `extract` disagree: a
-            // refusal charged nothing, so deciding again is safe.
+            // Not the common case; or an extractor whose `key_bytes` and
+            // `extract` disagree, and a refusal charged nothing, so
+            // deciding again is safe.
             (Some(Rated::Denied(_)), None) | (None, _) => self.admit_with(req, &extracted),
         }
     }
