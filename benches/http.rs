@@ -269,37 +269,15 @@ fn serve(config: &str) {
         match config {
             // Around the whole router, as a tower layer, rather than
             // inside it with `Router::layer`.
-            "tower_governor_outer" => {
-                let app = tower_governor::GovernorLayer::new(governor_config()).layer(hello());
-                tokio::spawn(async move {
-                    axum::serve(
-                        listener,
-                        ServiceExt::<Request<axum::body::Body>>::into_make_service(app),
-                    )
-                    .await
-                });
-            }
-            "noop_outer" => {
-                let app = tower::util::MapRequestLayer::new(|r: Request<axum::body::Body>| r)
-                    .layer(hello());
-                tokio::spawn(async move {
-                    axum::serve(
-                        listener,
-                        ServiceExt::<Request<axum::body::Body>>::into_make_service(app),
-                    )
-                    .await
-                });
-            }
-            "floodgate_outer" => {
-                let app = floodgate_layer().layer(hello());
-                tokio::spawn(async move {
-                    axum::serve(
-                        listener,
-                        ServiceExt::<Request<axum::body::Body>>::into_make_service(app),
-                    )
-                    .await
-                });
-            }
+            "tower_governor_outer" => spawn_outer(
+                listener,
+                tower_governor::GovernorLayer::new(governor_config()).layer(hello()),
+            ),
+            "noop_outer" => spawn_outer(
+                listener,
+                tower::util::MapRequestLayer::new(|r: Request<axum::body::Body>| r).layer(hello()),
+            ),
+            "floodgate_outer" => spawn_outer(listener, floodgate_layer().layer(hello())),
             _ => {
                 let app = router(config);
                 tokio::spawn(async move { axum::serve(listener, app).await });
@@ -312,6 +290,27 @@ fn serve(config: &str) {
         })
         .await
         .expect("stdin watcher");
+    });
+}
+
+/// Serves `app`: a layer wrapped around the whole router.
+fn spawn_outer<S>(listener: tokio::net::TcpListener, app: S)
+where
+    S: tower::Service<
+            Request<axum::body::Body>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            ServiceExt::<Request<axum::body::Body>>::into_make_service(app),
+        )
+        .await
     });
 }
 
