@@ -34,17 +34,18 @@
 //! Then, where valgrind is installed, each server once more under
 //! callgrind: instructions per request, which do not vary with the
 //! machine's load as time does. `FLOODGATE_HTTP_CALLGRIND_OUT=DIR` keeps
-//! the profiles for `callgrind_annotate`; `FLOODGATE_HTTP_ONLY=a,b` counts
-//! only those configurations (and bare). `FLOODGATE_HTTP_EACH_LAYER=1`
-//! also counts each of this crate's layers alone (`cap_tenant`,
-//! `cap_global`, `shed_fixed`, `shed_fair`), two layers that decide nothing
-//! (`noop`, `noop_body`: what any layer costs in axum; `noop_outer` around
-//! the router), `FloodgateLayer` with a global cap and a shedder without
-//! fairness (`floodgate_light`), the three layers in three `Router::layer`
-//! calls (`full_stack_separate`), and `minimal`, the four counts and the
-//! body alone, without the crate's features (`benches/minimal`). `FLOODGATE_HTTP_PIN=1` pins the server to the
-//! second CPU with `taskset`.
-//! Linux only (it reads `/proc`).
+//! the profiles for `callgrind_annotate`. `FLOODGATE_HTTP_ONLY=a,b` times
+//! and counts only those configurations, bare, and the tower-governor each
+//! is compared with. `FLOODGATE_HTTP_EACH_LAYER=1` also counts each of this
+//! crate's layers alone (`cap_tenant`, `cap_global`, `shed_fixed`,
+//! `shed_fair`), layers that decide nothing (`noop`, `noop_body`: what any
+//! layer costs in axum; `noop_outer` around the router), `FloodgateLayer`
+//! with a global cap and a shedder without fairness (`floodgate_light`),
+//! the three layers in three `Router::layer` calls
+//! (`full_stack_separate`), and `minimal`, the four counts and the body
+//! without the crate's features (`benches/minimal`).
+//! `FLOODGATE_HTTP_PIN=1` pins the server to the second CPU with
+//! `taskset`. Linux only (it reads `/proc`).
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
@@ -547,6 +548,37 @@ fn paired(of: &[Round], to: &[Round], f: impl Fn(f64, f64) -> f64) -> Vec<f64> {
         .collect()
 }
 
+/// The configurations timed: all of [`CONFIGS`], or with
+/// `FLOODGATE_HTTP_ONLY` the ones it names, after bare and the
+/// tower-governor each is compared with.
+fn timed_configs() -> Vec<&'static str> {
+    let Ok(only) = std::env::var("FLOODGATE_HTTP_ONLY") else {
+        return CONFIGS.to_vec();
+    };
+    let known = |name: &str| {
+        CONFIGS
+            .iter()
+            .chain(&EACH_LAYER)
+            .find(|c| **c == name)
+            .copied()
+            .unwrap_or_else(|| panic!("no configuration {name}"))
+    };
+    let mut configs = vec!["bare"];
+    for name in only.split(',').map(known) {
+        let governor = if name.ends_with("_outer") {
+            "tower_governor_outer"
+        } else {
+            "tower_governor"
+        };
+        for config in [governor, name] {
+            if !configs.contains(&config) {
+                configs.push(config);
+            }
+        }
+    }
+    configs
+}
+
 fn run(rounds: usize, requests: usize) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -558,13 +590,14 @@ fn run(rounds: usize, requests: usize) {
         count_instructions(&runtime, requests.min(5_000));
         return;
     }
-    let servers: Vec<Server> = CONFIGS.iter().map(|c| Server::start(c)).collect();
+    let configs = timed_configs();
+    let servers: Vec<Server> = configs.iter().map(|c| Server::start(c)).collect();
     println!(
         "{rounds} rounds of {requests} requests per configuration, {CONNECTIONS} connections, \
          {TENANTS} tenants; server: 1 tokio worker, client: 1 tokio worker"
     );
     // results[config][round]
-    let mut results: Vec<Vec<Round>> = (0..CONFIGS.len()).map(|_| Vec::new()).collect();
+    let mut results: Vec<Vec<Round>> = (0..configs.len()).map(|_| Vec::new()).collect();
     for round in 0..rounds {
         // Alternate, starting each round one configuration later, so that
         // no configuration always runs first after a pause.
@@ -614,12 +647,12 @@ fn run(rounds: usize, requests: usize) {
         );
     }
     println!("\nserver CPU added per request over bare, median of rounds [95% interval]:");
-    for i in 1..CONFIGS.len() {
+    for i in 1..configs.len() {
         let added = paired(&results[i], &results[0], |a, b| a - b);
         let (lo, hi) = median_interval(&added);
         println!(
             "  {:<21} {:+6.0} ns [{lo:+.0}, {hi:+.0}]",
-            CONFIGS[i],
+            configs[i],
             median(added).0
         );
     }
@@ -635,13 +668,13 @@ fn run(rounds: usize, requests: usize) {
         } else {
             "tower_governor"
         };
-        CONFIGS
+        configs
             .iter()
             .position(|c| *c == name)
             .expect("tower-governor runs")
     };
-    for i in 2..CONFIGS.len() {
-        let g = governor(CONFIGS[i]);
+    for i in 1..configs.len() {
+        let g = governor(configs[i]);
         if g == i {
             continue;
         }
@@ -649,7 +682,7 @@ fn run(rounds: usize, requests: usize) {
         let (lo, hi) = median_interval(&ratios);
         println!(
             "  {:<21} {:6.3} [{lo:.3}–{hi:.3}]",
-            CONFIGS[i],
+            configs[i],
             median(ratios).0
         );
     }
@@ -676,16 +709,14 @@ fn count_instructions(runtime: &tokio::runtime::Runtime, requests: usize) {
         "\nserver instructions per request under callgrind ({requests} requests, 8 connections):"
     );
     let mut bare = None;
-    let each_layer = std::env::var_os("FLOODGATE_HTTP_EACH_LAYER").is_some();
-    let extra = if each_layer { &EACH_LAYER[..] } else { &[] };
-    let only = std::env::var("FLOODGATE_HTTP_ONLY").ok();
-    for &config in CONFIGS.iter().chain(extra) {
-        if let Some(only) = &only
-            && config != "bare"
-            && !only.split(',').any(|c| c == config)
-        {
-            continue;
-        }
+    let configs = if std::env::var_os("FLOODGATE_HTTP_ONLY").is_some() {
+        timed_configs()
+    } else if std::env::var_os("FLOODGATE_HTTP_EACH_LAYER").is_some() {
+        CONFIGS.iter().chain(&EACH_LAYER).copied().collect()
+    } else {
+        CONFIGS.to_vec()
+    };
+    for config in configs {
         let server = Server::start_counted(config);
         // Before the measured requests: zero the counters; after: read them
         // and dump the profile of just those requests.
