@@ -695,22 +695,15 @@ impl<K, P> Shared<K, P> {
         };
         let limit = runtime.controller.limit();
         let ceiling = runtime.ceiling(priority, limit);
-        let word = runtime.word.load(Ordering::Acquire);
-        let in_flight = gate::count(word);
+        let in_flight = runtime.in_flight();
         runtime.controller.observe_load(in_flight, limit);
-        // Somebody waits, no room, or fairness in play: the usual path.
-        if word & gate::SLOW != 0
-            || in_flight >= ceiling
-            || (config.fairness && u64::from(in_flight) * 4 >= u64::from(ceiling) * 3)
-        {
+        if config.fairness && u64::from(in_flight) * 4 >= u64::from(ceiling) * 3 {
             return None;
         }
-        // The unit, from the count just read (the usual path decides again
-        // if it moved meanwhile).
-        runtime
-            .word
-            .compare_exchange(word, word + 1, Ordering::AcqRel, Ordering::Acquire)
-            .ok()?;
+        // The in-flight unit first: nothing to give back if there is none.
+        let Fast::Done(_) = gate::try_acquire(&runtime.word, ceiling, false) else {
+            return None;
+        };
         let mut held = Held {
             seat: None,
             global: true,
